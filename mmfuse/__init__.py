@@ -1,0 +1,3 @@
+"""mmfuse: multimodal fusion research framework."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,110 @@
+"""The LightningModule: loss, optimiser groups, schedule and validation metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+
+from mmfuse.generation import GenerationConfig, generate
+from mmfuse.loss import next_token_loss
+from mmfuse.metrics.exact_match import ExactMatchByTask
+from mmfuse.model import MMFuseModel
+from mmfuse.optim import param_groups
+from mmfuse.types import Batch
+
+
+class MMFuseLitModule(LightningModule):
+    """Trains an ``MMFuseModel`` on conversation batches.
+
+    Validation has up to two loaders: 0 gives ``val/loss`` (teacher forcing), 1 (optional)
+    generates answers with ``generation`` settings and gives ``val/exact_match`` overall and
+    ``val/exact_match/<task>`` per task, gathered over all ranks.
+
+    Args:
+        model: the model to train.
+        optimizer: partial optimiser, called with parameter groups.
+        scheduler: partial schedule, called with the optimiser and ``total_steps``; or None.
+        weight_decay: decay for weights; biases, norms and embeddings get none.
+        generation: decoding settings for validation generation.
+    """
+
+    def __init__(
+        self,
+        model: MMFuseModel,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        weight_decay: float = 0.01,
+        generation: GenerationConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "generation"])
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.weight_decay = weight_decay
+        self.generation = generation or GenerationConfig()
+        self._val_scores = ExactMatchByTask()
+
+    def transfer_batch_to_device(self, batch: Batch, device: torch.device, dataloader_idx: int):
+        return batch.to(device)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        logits, labels = self.model(batch)
+        loss, count = next_token_loss(logits, labels, batch.ids)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx == 0:
+            logits, labels = self.model(batch)
+            loss, _ = next_token_loss(logits, labels, batch.ids)
+            self.log(
+                "val/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=True,
+                add_dataloader_idx=False,
+            )
+            return
+        tokens = generate(self.model, batch, self.generation)
+        predictions = self.model.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        self._val_scores.update(batch.tasks, predictions, batch.references)
+
+    def on_validation_epoch_end(self) -> None:
+        scores = self._val_scores
+        self._val_scores = ExactMatchByTask()
+        if not scores.counts and not self._has_generation_loader():
+            return
+        tasks = sorted(set(scores.counts) | set(self._all_tasks(scores)))
+        hits = torch.tensor([scores.hits.get(t, 0.0) for t in tasks], device=self.device)
+        counts = torch.tensor([float(scores.counts.get(t, 0)) for t in tasks], device=self.device)
+        hits, counts = self._sum_over_ranks(hits), self._sum_over_ranks(counts)
+        total = counts.sum().clamp(min=1)
+        self.log("val/exact_match", hits.sum() / total, prog_bar=True, add_dataloader_idx=False)
+        for task, hit, count in zip(tasks, hits, counts):
+            self.log(f"val/exact_match/{task}", hit / count.clamp(min=1), add_dataloader_idx=False)
+
+    def _has_generation_loader(self) -> bool:
+        loaders = self.trainer.val_dataloaders if self._trainer is not None else None
+        return isinstance(loaders, (list, tuple)) and len(loaders) > 1
+
+    def _all_tasks(self, scores: ExactMatchByTask) -> list[str]:
+        """Task names known on any rank (ranks may see different tasks)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return list(scores.counts)
+        gathered: list[list[str]] = [[] for _ in range(self.trainer.world_size)]
+        torch.distributed.all_gather_object(gathered, list(scores.counts))
+        return [task for rank_tasks in gathered for task in rank_tasks]
+
+    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return values
+        return self.trainer.strategy.reduce(values, reduce_op="sum")
+
+    def configure_optimizers(self) -> dict:
+        optimizer = self.optimizer_factory(params=param_groups(self.model, self.weight_decay))
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, total_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

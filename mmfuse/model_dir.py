@@ -1,0 +1,97 @@
+"""The model directory that training writes and evaluation and chat load.
+
+Layout: ``model.safetensors`` (weights), ``tokenizer/``, ``config.yaml`` (the resolved model
+and processor configs) and, for parts that were loaded from a pretrained directory, that
+part's architecture config in ``<part>_config/`` so the directory stands on its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_model, save_model
+
+from mmfuse.model import MMFuseModel
+from mmfuse.processing.processor import Processor
+
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.yaml", "tokenizer"
+_HF_PARTS = {"decoder": "decoder", "audio": "encoders.audio.backbone", "text": "encoders.text.backbone"}
+
+
+def save_model_dir(model: MMFuseModel, cfg: DictConfig, out_dir: str | Path) -> Path:
+    """Writes weights, tokenizer and a self-contained config for ``model`` to ``out_dir``.
+
+    Args:
+        model: the trained model.
+        cfg: the run config holding ``model`` and ``processor``.
+        out_dir: target directory (created).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.tokenizer.save_pretrained(str(out / TOKENIZER))
+    save_model(model, str(out / WEIGHTS))
+    saved = OmegaConf.create(
+        {
+            "model_dir": "???",
+            "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "processor": OmegaConf.to_container(cfg.processor, resolve=True),
+        }
+    )
+    saved.processor.tokenizer = {
+        "_target_": "mmfuse.processing.text.load_tokenizer",
+        "path": "${model_dir}/" + TOKENIZER,
+    }
+    for key, attribute in _HF_PARTS.items():
+        node = saved.model.get(key)
+        if node is None or not node.get("pretrained"):
+            continue
+        part = model.get_submodule(attribute)
+        part.config.save_pretrained(str(out / f"{key}_config"))
+        node.pretrained = None
+        if key != "audio":
+            node.vocab_size = part.get_input_embeddings().num_embeddings
+        node.config = {
+            "_target_": "transformers.AutoConfig.from_pretrained",
+            "pretrained_model_name_or_path": "${model_dir}/" + f"{key}_config",
+        }
+    if saved.model.get("vision") is not None:
+        saved.model.vision.pretrained = None  # the architecture is in the timm arguments
+    OmegaConf.save(saved, out / CONFIG)
+    return out
+
+
+def build_processor_and_model(cfg: DictConfig) -> tuple[Processor, MMFuseModel]:
+    """Instantiates the processor, then the model with the processor's tokenizer."""
+    processor = instantiate(cfg.processor, _convert_="all")
+    model = instantiate(cfg.model, tokenizer=processor.tokenizer, _convert_="all")
+    check_compatible(model, processor)
+    return processor, model
+
+
+def check_compatible(model: MMFuseModel, processor: Processor) -> None:
+    """Fails with the config key to fix when processor and encoders disagree."""
+    vision = model.encoders["image"] if "image" in model.encoders else None
+    if vision is not None:
+        expected = tuple(vision.backbone.patch_embed.img_size)
+        if expected != (processor.image.size, processor.image.size):
+            raise ValueError(
+                f"processor.image.size={processor.image.size} but model.vision img_size is "
+                f"{expected}"
+            )
+
+
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> tuple[MMFuseModel, Processor]:
+    """Loads a model directory written by ``save_model_dir`` (in eval mode)."""
+    path = Path(path)
+    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{path} is not a model directory (needs {CONFIG} and {WEIGHTS})")
+    cfg = OmegaConf.load(path / CONFIG)
+    cfg.model_dir = str(path.resolve())
+    processor, model = build_processor_and_model(cfg)
+    missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path / WEIGHTS}: missing {missing}, unexpected {unexpected}")
+    return model.to(device).eval(), processor

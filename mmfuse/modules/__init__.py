@@ -1,0 +1,1 @@
+"""Plain nn.Modules: encoders, fusion, conditioning, decoder. No Lightning, no Hydra."""

@@ -1,0 +1,1 @@
+"""Record -> Sample -> Batch: tokenisation, media loading and collation."""

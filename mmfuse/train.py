@@ -1,0 +1,60 @@
+"""Training entry point: ``mmfuse-train [overrides]``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mmfuse.config import CONFIG_DIR
+from mmfuse.lit_module import MMFuseLitModule
+from mmfuse.model_dir import build_processor_and_model, save_model_dir
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Builds everything from ``cfg``, fits, and writes ``<output_dir>/model``.
+
+    Returns:
+        The final logged metrics as floats.
+    """
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg.threads)
+    output_dir = Path(cfg.paths.output_dir)
+    processor, model = build_processor_and_model(cfg)
+    datamodule = instantiate(cfg.data, processor=processor, _convert_="all")
+    module = MMFuseLitModule(
+        model,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        weight_decay=cfg.weight_decay,
+        generation=instantiate(cfg.generation),
+    )
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if trainer.is_global_zero:
+        model_dir = save_model_dir(model, cfg, output_dir / "model")
+        log.info("model saved to %s", model_dir)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    """Hydra wrapper around :func:`train`."""
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

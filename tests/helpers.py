@@ -1,0 +1,192 @@
+"""Shared helpers for the mmfuse unit tests: tokenizer, tiny model, media files and records."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from PIL import Image
+
+import mmfuse.config
+from data_modules import world
+from mmfuse.model import MMFuseModel
+from mmfuse.model_dir import build_processor_and_model
+from mmfuse.processing.audio import AudioProcessor
+from mmfuse.processing.collate import Collator
+from mmfuse.processing.image import ImageProcessor
+from mmfuse.processing.processor import Processor
+from mmfuse.processing.text import build_bpe_tokenizer
+from mmfuse.types import Batch, Sample
+
+IMAGE_SIZE = 64
+SAMPLE_RATE = 16000
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 1) -> Iterator[None]:
+    """Runs torch on ``n`` CPU threads, then restores the previous number.
+
+    The test models are tiny: one thread is as fast as two on an idle machine and avoids the
+    large slow-down of busy-waiting OpenMP threads when another process is using the cores.
+    Test modules use it in an autouse, module-scoped fixture.
+    """
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer():
+    """The tokenizer trained on the built-in world's vocabulary (built once per session).
+
+    Shared between tests: do not modify it (build a fresh one to change the template).
+    """
+    return fresh_tokenizer()
+
+
+def fresh_tokenizer():
+    """A newly trained tokenizer, safe to modify."""
+    return build_bpe_tokenizer(world.vocabulary_corpus(), vocab_size=512)
+
+
+def processor(max_length: int = 256) -> Processor:
+    """A processor with the shared tokenizer and the world's media settings."""
+    return Processor(
+        tokenizer(),
+        ImageProcessor(size=IMAGE_SIZE),
+        AudioProcessor(sample_rate=SAMPLE_RATE, max_seconds=10.0),
+        max_length=max_length,
+    )
+
+
+def compose_cfg(output_dir: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """The training config composed with ``model=tiny`` (plus ``overrides``)."""
+    with initialize_config_dir(config_dir=mmfuse.config.CONFIG_DIR, version_base="1.3"):
+        return compose(
+            "train",
+            overrides=["model=tiny", f"paths.output_dir={output_dir}", *overrides],
+        )
+
+
+def build_tiny(
+    output_dir: str | Path, seed: int = 0, overrides: Sequence[str] = ()
+) -> tuple[Processor, MMFuseModel, DictConfig]:
+    """Builds processor and tiny model from the real config with a fixed seed."""
+    cfg = compose_cfg(output_dir, overrides)
+    torch.manual_seed(seed)
+    proc, model = build_processor_and_model(cfg)
+    return proc, model, cfg
+
+
+# ----------------------------------------------------------------------------- media
+
+
+def write_png(path: Path, color: tuple[int, int, int] = (255, 0, 0), size: int = 64) -> Path:
+    """A ``size`` x ``size`` PNG: a filled circle of ``color`` on a grey background."""
+    yy, xx = np.mgrid[:size, :size]
+    inside = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2
+    array = np.full((size, size, 3), 128, dtype=np.uint8)
+    array[inside] = color
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def sine(freq: float, seconds: float = 1.0, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """A float32 sine wave with amplitude 0.5."""
+    t = np.arange(int(round(seconds * rate))) / rate
+    return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def write_wav(
+    path: Path,
+    freq: float = 440.0,
+    seconds: float = 1.0,
+    rate: int = SAMPLE_RATE,
+    channels: int = 1,
+) -> Path:
+    """A sine WAV file (``channels`` identical channels)."""
+    wave = sine(freq, seconds, rate)
+    data = wave if channels == 1 else np.stack([wave] * channels, axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), data, rate)
+    return path
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def record(
+    record_id: str,
+    question: str,
+    answer: str,
+    image: str | None = None,
+    audio: str | None = None,
+    task: str = "test/task",
+) -> dict:
+    """A one-turn conversation record; media paths are relative to the base directory."""
+    content: list[dict] = []
+    if image is not None:
+        content.append({"type": "image", "path": image})
+    if audio is not None:
+        content.append({"type": "audio", "path": audio})
+    content.append({"type": "text", "text": question})
+    return {
+        "id": record_id,
+        "task": task,
+        "messages": [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ],
+    }
+
+
+def write_media(base: Path) -> None:
+    """Writes ``a.png`` (red circle), ``b.png`` (blue circle), ``s.wav`` (1 s, 440 Hz) and
+    ``t.wav`` (0.5 s, 880 Hz) into ``base``."""
+    write_png(base / "a.png", (255, 0, 0))
+    write_png(base / "b.png", (0, 0, 255))
+    write_wav(base / "s.wav", 440.0, 1.0)
+    write_wav(base / "t.wav", 880.0, 0.5)
+
+
+def mixed_records() -> list[dict]:
+    """Text-only, image-only, audio-only and image+audio records (media from write_media)."""
+    return [
+        record("text", "Say yes.", "yes", task="text/yes"),
+        record("img", "What color is the circle?", "red", image="a.png", task="image/color"),
+        record("aud", "Is the sound low, middle or high?", "middle", audio="s.wav",
+               task="audio/pitch"),
+        record("both", "How many shapes and beeps are there together?", "two",
+               image="b.png", audio="t.wav", task="both/total"),
+    ]
+
+
+def samples(
+    proc: Processor, records: Sequence[dict], base: Path, for_generation: bool = False
+) -> list[Sample]:
+    return [proc(r, base, source="test.jsonl", for_generation=for_generation) for r in records]
+
+
+def collate(
+    proc: Processor, records: Sequence[dict], base: Path, side: str = "right",
+    for_generation: bool = False,
+) -> Batch:
+    """Processes and collates ``records``."""
+    collator = Collator(proc.tokenizer.pad_token_id, side, proc.image.size)
+    return collator(samples(proc, records, base, for_generation))
+
+
+def supervised_text(tok, labels: Sequence[int]) -> str:
+    """Decodes the supervised label ids (those that are not -100)."""
+    return tok.decode([int(x) for x in labels if int(x) != -100])

@@ -1,0 +1,58 @@
+"""Every config option composes; the presets build; bad keys fail clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+
+from mmfuse.model_dir import build_processor_and_model
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+@pytest.mark.parametrize("trainer", sorted(p.stem for p in (CONF / "trainer").glob("*.yaml")))
+def test_every_trainer_option_composes(trainer: str, compose_train, tmp_path: Path) -> None:
+    cfg = compose_train([f"trainer={trainer}", f"paths.output_dir={tmp_path}"])
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    expected = {"cpu": "cpu", "ddp_cpu": "cpu", "gpu": "gpu", "ddp": "gpu"}[trainer]
+    assert cfg.trainer.accelerator == expected
+    if trainer.startswith("ddp"):
+        assert cfg.trainer.strategy.find_unused_parameters is False
+    if trainer in ("cpu", "ddp_cpu"):
+        built = instantiate(cfg.trainer, logger=False, callbacks=[])
+        assert built.num_devices == (2 if trainer == "ddp_cpu" else 1)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=tiny"],
+        ["model=tiny", "model/text=bert_tiny"],
+        ["model=tiny", "model/decoder=gpt2_tiny"],
+        ["model=tiny", "model/vision=null"],
+        ["model=small"],
+    ],
+)
+def test_model_presets_build(overrides: list[str], compose_train, tmp_path: Path) -> None:
+    cfg = compose_train([*overrides, f"paths.output_dir={tmp_path}"])
+    processor, model = build_processor_and_model(cfg)
+    expected = {"image", "audio"} - ({"image"} if "model/vision=null" in overrides else set())
+    if "model/text=bert_tiny" in overrides:
+        expected.add("text")
+    assert set(model.encoders) == expected
+    assert model.decoder.config.vocab_size == len(processor.tokenizer)
+
+
+def test_unknown_config_key_is_a_clear_error(compose_train) -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_train(["trainer.no_such_key=1"])
+    assert "no_such_key" in str(err.value.__cause__ or err.value)
+
+
+def test_mismatched_image_size_names_the_key(compose_train, tmp_path: Path) -> None:
+    cfg = compose_train(["model=tiny", "processor.image.size=32", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="processor.image.size=32"):
+        build_processor_and_model(cfg)
