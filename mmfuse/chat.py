@@ -52,7 +52,9 @@ class ChatSession:
         """Forgets the conversation and any pending media."""
         self.messages: list[dict] = []
         if self.system:
-            self.messages.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
+            self.messages.append(
+                {"role": "system", "content": [{"type": "text", "text": self.system}]}
+            )
         self.pending: list[dict] = []
 
     def attach(self, kind: str, path: str) -> None:
@@ -86,7 +88,10 @@ class ChatSession:
         answer = tokenizer.decode(tokens, skip_special_tokens=True)
         if on_text is not None and len(answer) > len(shown):
             on_text(answer[len(shown) :])
-        self.messages = [*messages, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        self.messages = [
+            *messages,
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ]
         self.pending = []
         return answer
 
@@ -121,7 +126,9 @@ def run_interactive(session: ChatSession, stdin: TextIO, stdout: TextIO, stream:
 def _answer(session: ChatSession, text: str, stdout: TextIO, stream: bool) -> None:
     stdout.write("mmfuse> ")
     try:
-        answer = session.ask(text, (lambda piece: (stdout.write(piece), stdout.flush())) if stream else None)
+        answer = session.ask(
+            text, (lambda piece: (stdout.write(piece), stdout.flush())) if stream else None
+        )
     except RecordError as err:
         print(f"\nerror: {err}", file=stdout)
         session.pending = []

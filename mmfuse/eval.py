@@ -47,7 +47,10 @@ def predict(
     dataset = ConversationDataset(data_path, processor, True, drop_modalities)
     order = sorted(
         range(len(dataset)),
-        key=lambda i: (str(dataset.records[i].get("task", "")), len(json.dumps(dataset.records[i]))),
+        key=lambda i: (
+            str(dataset.records[i].get("task", "")),
+            len(json.dumps(dataset.records[i])),
+        ),
     )
     loader = DataLoader(
         torch.utils.data.Subset(dataset, order),
@@ -60,7 +63,9 @@ def predict(
     for batch in loader:
         tokens = generate(model, batch.to(device), generation)
         texts = processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        for record_id, task, text, reference in zip(batch.ids, batch.tasks, texts, batch.references):
+        for record_id, task, text, reference in zip(
+            batch.ids, batch.tasks, texts, batch.references, strict=False
+        ):
             rows.append({"id": record_id, "task": task, "prediction": text, "reference": reference})
     position = {index: rank for rank, index in enumerate(order)}
     return [rows[position[i]] for i in range(len(dataset))]
@@ -71,7 +76,9 @@ def score(rows: Sequence[dict]) -> dict:
     scores = ExactMatchByTask()
     for row in rows:
         row["score"] = exact_match(row["prediction"], row["reference"])
-    scores.update([r["task"] for r in rows], [r["prediction"] for r in rows], [r["reference"] for r in rows])
+    scores.update(
+        [r["task"] for r in rows], [r["prediction"] for r in rows], [r["reference"] for r in rows]
+    )
     return scores.compute()
 
 

@@ -62,7 +62,11 @@ class MMFuseLitModule(LightningModule):
             logits, labels = self.model(batch)
             loss, _ = next_token_loss(logits, labels, batch.ids)
             self.log(
-                "val/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=True,
+                "val/loss",
+                loss,
+                prog_bar=True,
+                batch_size=len(batch),
+                sync_dist=True,
                 add_dataloader_idx=False,
             )
             return
@@ -81,7 +85,7 @@ class MMFuseLitModule(LightningModule):
         hits, counts = self._sum_over_ranks(hits), self._sum_over_ranks(counts)
         total = counts.sum().clamp(min=1)
         self.log("val/exact_match", hits.sum() / total, prog_bar=True, add_dataloader_idx=False)
-        for task, hit, count in zip(tasks, hits, counts):
+        for task, hit, count in zip(tasks, hits, counts, strict=False):
             self.log(f"val/exact_match/{task}", hit / count.clamp(min=1), add_dataloader_idx=False)
 
     def _has_generation_loader(self) -> bool:
@@ -107,4 +111,7 @@ class MMFuseLitModule(LightningModule):
             return {"optimizer": optimizer}
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = self.scheduler_factory(optimizer, total_steps=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -18,7 +18,11 @@ from mmfuse.model import MMFuseModel
 from mmfuse.processing.processor import Processor
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.yaml", "tokenizer"
-_HF_PARTS = {"decoder": "decoder", "audio": "encoders.audio.backbone", "text": "encoders.text.backbone"}
+_HF_PARTS = {
+    "decoder": "decoder",
+    "audio": "encoders.audio.backbone",
+    "text": "encoders.text.backbone",
+}
 
 
 def save_model_dir(model: MMFuseModel, cfg: DictConfig, out_dir: str | Path) -> Path:
@@ -75,7 +79,8 @@ def check_compatible(model: MMFuseModel, processor: Processor) -> None:
     """Fails with the config key to fix when processor and encoders disagree."""
     vision = model.encoders["image"] if "image" in model.encoders else None
     if vision is not None:
-        expected = tuple(vision.backbone.patch_embed.img_size)
+        size = vision.backbone.patch_embed.img_size
+        expected = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         if expected != (processor.image.size, processor.image.size):
             raise ValueError(
                 f"processor.image.size={processor.image.size} but model.vision img_size is "
@@ -83,7 +88,9 @@ def check_compatible(model: MMFuseModel, processor: Processor) -> None:
             )
 
 
-def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> tuple[MMFuseModel, Processor]:
+def load_model_dir(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[MMFuseModel, Processor]:
     """Loads a model directory written by ``save_model_dir`` (in eval mode)."""
     path = Path(path)
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():

@@ -8,7 +8,9 @@ import re
 import torch
 from torch import nn
 
-_NO_DECAY_NAME = re.compile(r"(pos_embed|cls_token|type_embed|null_token|queries|embeddings?\b|original0)")
+_NO_DECAY_NAME = re.compile(
+    r"(pos_embed|cls_token|type_embed|null_token|queries|embeddings?\b|original0)"
+)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -42,7 +44,9 @@ def warmup_cosine(
     warmup_ratio: float = 0.0,
     min_lr_ratio: float = 0.1,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up (step k gets (k+1)/warmup of the peak), then cosine decay to ``min_lr_ratio`` of the peak.
+    """Linear warm-up (step k gets (k+1)/warmup of the peak), then cosine decay.
+
+    The decay ends at ``min_lr_ratio`` of the peak.
 
     ``warmup_steps`` wins over ``warmup_ratio`` (a fraction of ``total_steps``) when set.
     """

@@ -165,10 +165,17 @@ def mixed_records() -> list[dict]:
     return [
         record("text", "Say yes.", "yes", task="text/yes"),
         record("img", "What color is the circle?", "red", image="a.png", task="image/color"),
-        record("aud", "Is the sound low, middle or high?", "middle", audio="s.wav",
-               task="audio/pitch"),
-        record("both", "How many shapes and beeps are there together?", "two",
-               image="b.png", audio="t.wav", task="both/total"),
+        record(
+            "aud", "Is the sound low, middle or high?", "middle", audio="s.wav", task="audio/pitch"
+        ),
+        record(
+            "both",
+            "How many shapes and beeps are there together?",
+            "two",
+            image="b.png",
+            audio="t.wav",
+            task="both/total",
+        ),
     ]
 
 
@@ -179,7 +186,10 @@ def samples(
 
 
 def collate(
-    proc: Processor, records: Sequence[dict], base: Path, side: str = "right",
+    proc: Processor,
+    records: Sequence[dict],
+    base: Path,
+    side: str = "right",
     for_generation: bool = False,
 ) -> Batch:
     """Processes and collates ``records``."""

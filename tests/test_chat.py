@@ -16,7 +16,8 @@ from mmfuse.model_dir import load_model_dir
 
 def _media(world: Path) -> tuple[str, str]:
     record = next(
-        json.loads(x) for x in (world / "test.jsonl").read_text().splitlines()
+        json.loads(x)
+        for x in (world / "test.jsonl").read_text().splitlines()
         if json.loads(x)["task"].startswith("both/")
     )
     parts = record["messages"][0]["content"]
@@ -26,8 +27,16 @@ def _media(world: Path) -> tuple[str, str]:
 def test_one_shot_equals_session_and_streams(trained_run: Path, world_dir: Path) -> None:
     image, audio = _media(world_dir)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("chat", overrides=[f"ckpt={trained_run / 'model'}", "prompt=Describe the image.",
-                                         f"image={image}", f"audio={audio}", "generation.max_new_tokens=12"])
+        cfg = compose(
+            "chat",
+            overrides=[
+                f"ckpt={trained_run / 'model'}",
+                "prompt=Describe the image.",
+                f"image={image}",
+                f"audio={audio}",
+                "generation.max_new_tokens=12",
+            ],
+        )
     out = io.StringIO()
     answer = chat(cfg, stdout=out)
     assert out.getvalue().strip() == answer.strip()
@@ -45,7 +54,9 @@ def test_interactive_multi_turn_commands(trained_run: Path, world_dir: Path) -> 
     image, _ = _media(world_dir)
     model, processor = load_model_dir(trained_run / "model")
     session = ChatSession(model, processor, GenerationConfig(max_new_tokens=6))
-    script = f"/image {image}\nWhat color is the circle?\nHow many shapes are there?\n/bogus\n/reset\n"
+    script = (
+        f"/image {image}\nWhat color is the circle?\nHow many shapes are there?\n/bogus\n/reset\n"
+    )
     out = io.StringIO()
     run_interactive(session, io.StringIO(script), out, stream=True)
     text = out.getvalue()
@@ -56,8 +67,9 @@ def test_interactive_multi_turn_commands(trained_run: Path, world_dir: Path) -> 
 
 def test_sampling_settings_and_missing_media(trained_run: Path) -> None:
     model, processor = load_model_dir(trained_run / "model")
-    config = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=1.5, top_k=20,
-                              top_p=0.9, seed=3)
+    config = GenerationConfig(
+        max_new_tokens=8, do_sample=True, temperature=1.5, top_k=20, top_p=0.9, seed=3
+    )
     first = ChatSession(model, processor, config).ask("Describe the sound.")
     assert ChatSession(model, processor, config).ask("Describe the sound.") == first
     session = ChatSession(model, processor, config)

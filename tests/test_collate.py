@@ -64,7 +64,10 @@ def test_right_padding(batch_samples):
     assert batch.input_ids[1].tolist() == [10, 11, 12, 13, 14]
     assert batch.input_ids[3].tolist() == [10, 11, PAD, PAD, PAD]
     assert batch.attention_mask.tolist() == [
-        [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 0],
+        [1, 1, 0, 0, 0],
     ]
     assert batch.labels[0].tolist() == [-100, 11, 12, -100, -100]
     assert batch.labels[3].tolist() == [10, 11, -100, -100, -100]
@@ -79,7 +82,10 @@ def test_left_padding(batch_samples):
     assert batch.input_ids[0].tolist() == [PAD, PAD, 10, 11, 12]
     assert batch.input_ids[3].tolist() == [PAD, PAD, PAD, 10, 11]
     assert batch.attention_mask.tolist() == [
-        [0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1], [0, 0, 0, 1, 1],
+        [0, 0, 1, 1, 1],
+        [1, 1, 1, 1, 1],
+        [0, 1, 1, 1, 1],
+        [0, 0, 0, 1, 1],
     ]
     assert batch.labels[0].tolist() == [-100, -100, -100, 11, 12]
     # every row's last column is a real token: generation appends after it

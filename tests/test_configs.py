@@ -32,14 +32,14 @@ def test_every_trainer_option_composes(trainer: str, compose_train, tmp_path: Pa
         ["model=tiny"],
         ["model=tiny", "model/text=bert_tiny"],
         ["model=tiny", "model/decoder=gpt2_tiny"],
-        ["model=tiny", "model/vision=null"],
+        ["model=tiny", "~model/vision"],
         ["model=small"],
     ],
 )
 def test_model_presets_build(overrides: list[str], compose_train, tmp_path: Path) -> None:
     cfg = compose_train([*overrides, f"paths.output_dir={tmp_path}"])
     processor, model = build_processor_and_model(cfg)
-    expected = {"image", "audio"} - ({"image"} if "model/vision=null" in overrides else set())
+    expected = {"image", "audio"} - ({"image"} if "~model/vision" in overrides else set())
     if "model/text=bert_tiny" in overrides:
         expected.add("text")
     assert set(model.encoders) == expected

@@ -18,9 +18,15 @@ def _one_thread():
 
 
 def _llama_config(**overrides) -> LlamaConfig:
-    return LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=2,
-                       max_position_embeddings=64, **overrides)
+    return LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **overrides,
+    )
 
 
 def test_build_from_config_sets_vocab_and_special_ids():

@@ -23,10 +23,19 @@ def _one_thread():
 
 def _w2v_config() -> Wav2Vec2Config:
     return Wav2Vec2Config(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        conv_dim=[8, 8, 8], conv_kernel=[10, 8, 8], conv_stride=[5, 8, 8],
-        feat_extract_norm="layer", do_stable_layer_norm=True, num_conv_pos_embeddings=8,
-        num_conv_pos_embedding_groups=2, apply_spec_augment=False, mask_time_prob=0.0,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=[8, 8, 8],
+        conv_kernel=[10, 8, 8],
+        conv_stride=[5, 8, 8],
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+        num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=2,
+        apply_spec_augment=False,
+        mask_time_prob=0.0,
         layerdrop=0.0,
     )
 
@@ -197,8 +206,13 @@ def test_audio_spec_embed_frozen_without_spec_augment():
 @pytest.fixture
 def text():
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32)
+    config = BertConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     return TextEncoder(tokenizer(), D, config=config).eval()
 
 

@@ -16,8 +16,14 @@ def _eval_cfg(model_dir: Path, data: Path, out: Path, *extra: str):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(
             "eval",
-            overrides=[f"ckpt={model_dir}", f"data.path={data}", f"output_dir={out}",
-                       "num_workers=0", "generation.max_new_tokens=8", *extra],
+            overrides=[
+                f"ckpt={model_dir}",
+                f"data.path={data}",
+                f"output_dir={out}",
+                "num_workers=0",
+                "generation.max_new_tokens=8",
+                *extra,
+            ],
         )
 
 
@@ -27,7 +33,7 @@ def test_eval_writes_predictions_and_metrics(trained_run: Path, world_dir: Path,
     records = [json.loads(line) for line in test_file.read_text().splitlines()]
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [r["id"] for r in records]
-    for row, record in zip(rows, records):
+    for row, record in zip(rows, records, strict=False):
         assert row["reference"] == record["messages"][-1]["content"][0]["text"]
         assert row["task"] == record["task"]
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -40,15 +46,24 @@ def test_eval_writes_predictions_and_metrics(trained_run: Path, world_dir: Path,
 
 
 def test_blind_eval_drops_media(trained_run: Path, world_dir: Path, tmp_path: Path, capsys):
-    evaluate(_eval_cfg(trained_run / "model", world_dir / "test.jsonl", tmp_path,
-                       "drop_modalities=[image,audio]"))
+    evaluate(
+        _eval_cfg(
+            trained_run / "model",
+            world_dir / "test.jsonl",
+            tmp_path,
+            "drop_modalities=[image,audio]",
+        )
+    )
     assert "media dropped: image, audio" in capsys.readouterr().out
 
 
 def test_unknown_modality_to_drop(trained_run: Path, world_dir: Path, tmp_path: Path):
     with pytest.raises(ValueError, match="drop_modalities"):
-        evaluate(_eval_cfg(trained_run / "model", world_dir / "test.jsonl", tmp_path,
-                           "drop_modalities=[video]"))
+        evaluate(
+            _eval_cfg(
+                trained_run / "model", world_dir / "test.jsonl", tmp_path, "drop_modalities=[video]"
+            )
+        )
 
 
 @pytest.mark.parametrize("damage", ["missing", "bad_image", "bad_audio"])

@@ -22,8 +22,9 @@ def _one_thread():
 @pytest.fixture
 def fusion():
     torch.manual_seed(0)
-    return CrossAttentionFusion(["image", "audio"], D, num_queries=M, num_layers=2, num_heads=2,
-                                mlp_ratio=2.0).eval()
+    return CrossAttentionFusion(
+        ["image", "audio"], D, num_queries=M, num_layers=2, num_heads=2, mlp_ratio=2.0
+    ).eval()
 
 
 def _tokens(seed: int = 1):

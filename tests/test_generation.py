@@ -125,7 +125,9 @@ def test_on_tokens_called_once_per_step(setup):
     proc, model, prompts, _, _ = setup
     calls = []
     out = generate(
-        model, prompts, GenerationConfig(max_new_tokens=12),
+        model,
+        prompts,
+        GenerationConfig(max_new_tokens=12),
         on_tokens=lambda token, finished: calls.append((token.clone(), finished.clone())),
     )
     longest = max(len(ids) for ids in out)
@@ -144,8 +146,12 @@ def test_on_tokens_called_once_per_step(setup):
 def test_on_tokens_stops_at_max_new_tokens(setup):
     _, model, prompts, _, _ = setup
     calls = []
-    generate(model, prompts, GenerationConfig(max_new_tokens=3),
-             on_tokens=lambda token, finished: calls.append(token))
+    generate(
+        model,
+        prompts,
+        GenerationConfig(max_new_tokens=3),
+        on_tokens=lambda token, finished: calls.append(token),
+    )
     assert len(calls) == 3
 
 
@@ -210,12 +216,13 @@ def test_temperature_sharpens_and_flattens():
 @pytest.mark.parametrize("decoder", ["llama_tiny", "gpt2_tiny"])
 def test_cache_equivalence_for_each_decoder_config(tmp_path, decoder):
     write_media(tmp_path)
-    proc, model, _ = build_tiny(tmp_path / "out", seed=1,
-                                overrides=[f"model/decoder={decoder}"])
+    proc, model, _ = build_tiny(tmp_path / "out", seed=1, overrides=[f"model/decoder={decoder}"])
     model.eval()
     prompts = collate(proc, mixed_records(), tmp_path, side="left", for_generation=True)
-    for config in (GenerationConfig(max_new_tokens=6),
-                   GenerationConfig(max_new_tokens=6, do_sample=True, seed=0)):
+    for config in (
+        GenerationConfig(max_new_tokens=6),
+        GenerationConfig(max_new_tokens=6, do_sample=True, seed=0),
+    ):
         cached = generate(model, prompts, config, use_cache=True)
         assert cached == generate(model, prompts, config, use_cache=False)
         assert all(len(ids) == 6 for ids in cached)  # untrained: no early end-of-turn

@@ -28,10 +28,12 @@ def _hand_loss(logits, labels):
 def example():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7)
-    labels = torch.tensor([
-        [3, IGNORE_INDEX, 4, 1, IGNORE_INDEX],  # the label at t=0 is never a target
-        [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 6, 0],
-    ])
+    labels = torch.tensor(
+        [
+            [3, IGNORE_INDEX, 4, 1, IGNORE_INDEX],  # the label at t=0 is never a target
+            [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 6, 0],
+        ]
+    )
     return logits, labels
 
 

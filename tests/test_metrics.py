@@ -32,8 +32,11 @@ def test_exact_match():
 
 def test_exact_match_by_task():
     metric = ExactMatchByTask()
-    metric.update(["image/color", "image/color", "audio/pitch"], ["Red.", "blue", "high"],
-                  ["red", "red", "high"])
+    metric.update(
+        ["image/color", "image/color", "audio/pitch"],
+        ["Red.", "blue", "high"],
+        ["red", "red", "high"],
+    )
     metric.update(["audio/pitch", "both/total"], ["low", "Five"], ["middle", "five"])
     result = metric.compute()
     assert set(result) == {"overall", "tasks", "n"}

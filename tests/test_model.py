@@ -119,8 +119,10 @@ def test_record_output_does_not_depend_on_batch(tiny, media):
 def test_memory_depends_on_the_image(tmp_path, tiny):
     proc, model = tiny
     write_media(tmp_path)
-    records = [record("a", "What color?", "red", image="a.png"),
-               record("b", "What color?", "blue", image="b.png")]
+    records = [
+        record("a", "What color?", "red", image="a.png"),
+        record("b", "What color?", "blue", image="b.png"),
+    ]
     batch = collate(proc, records, tmp_path)
     with torch.no_grad():
         memory = model.encode(batch)

@@ -54,10 +54,16 @@ def _perturb(model, seed=5):
 
 def _tiny_llama_dir(path, vocab_size):
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2,
-                         max_position_embeddings=128, vocab_size=vocab_size,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        vocab_size=vocab_size,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(config).save_pretrained(str(path))
     return path
 
@@ -77,8 +83,9 @@ def test_round_trip_gives_equal_logits(tmp_path, media, forbid_world_corpus):
     assert loaded.tokenizer is loaded_proc.tokenizer
     torch.testing.assert_close(_logits(loaded, loaded_proc, media), expected)
     # every weight came back, the tied output embedding included
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(),
-                                 strict=True):
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 
@@ -108,8 +115,9 @@ def test_model_directory_can_be_moved(tmp_path, media, forbid_world_corpus):
 
 def test_pretrained_decoder_is_not_needed_after_saving(tmp_path, media, forbid_world_corpus):
     lm_dir = _tiny_llama_dir(tmp_path / "lm", vocab_size=len(tokenizer()))
-    proc, model, cfg = build_tiny(tmp_path / "run",
-                                  overrides=[f"model.decoder.pretrained={lm_dir}"])
+    proc, model, cfg = build_tiny(
+        tmp_path / "run", overrides=[f"model.decoder.pretrained={lm_dir}"]
+    )
     _perturb(model)
     expected = _logits(model, proc, media)
     out = save_model_dir(model, cfg, tmp_path / "model")
@@ -127,8 +135,9 @@ def test_pretrained_decoder_is_not_needed_after_saving(tmp_path, media, forbid_w
 def test_pretrained_decoder_with_larger_vocabulary_reloads(tmp_path, media, forbid_world_corpus):
     lm_dir = _tiny_llama_dir(tmp_path / "lm", vocab_size=512)
     assert len(tokenizer()) < 512
-    proc, model, cfg = build_tiny(tmp_path / "run",
-                                  overrides=[f"model.decoder.pretrained={lm_dir}"])
+    proc, model, cfg = build_tiny(
+        tmp_path / "run", overrides=[f"model.decoder.pretrained={lm_dir}"]
+    )
     assert model.decoder.get_input_embeddings().num_embeddings == 512
     expected = _logits(model, proc, media)
     out = save_model_dir(model, cfg, tmp_path / "model")
@@ -141,8 +150,9 @@ def test_pretrained_decoder_with_larger_vocabulary_reloads(tmp_path, media, forb
 def test_pretrained_audio_encoder_is_not_needed_after_saving(tmp_path, media):
     proc, model, cfg = build_tiny(tmp_path / "run")
     model.encoders["audio"].backbone.save_pretrained(str(tmp_path / "w2v"))
-    proc, model, cfg = build_tiny(tmp_path / "run", seed=1,
-                                  overrides=[f"model.audio.pretrained={tmp_path / 'w2v'}"])
+    proc, model, cfg = build_tiny(
+        tmp_path / "run", seed=1, overrides=[f"model.audio.pretrained={tmp_path / 'w2v'}"]
+    )
     expected = _logits(model, proc, media)
     out = save_model_dir(model, cfg, tmp_path / "model")
     assert (out / "audio_config" / "config.json").is_file()
@@ -153,9 +163,16 @@ def test_pretrained_audio_encoder_is_not_needed_after_saving(tmp_path, media):
 
 def _bert_dir(path, vocab_size):
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, intermediate_size=128,
-                         max_position_embeddings=128)).save_pretrained(str(path))
+    BertModel(
+        BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=128,
+        )
+    ).save_pretrained(str(path))
     return path
 
 

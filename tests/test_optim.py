@@ -58,7 +58,9 @@ def test_what_is_not_decayed(model):
     biases = {n for n, _ in model.named_parameters() if n.endswith(".bias")}
     assert biases and biases <= no_decay
     norms = {
-        f"{name}.{p}" for name, m in model.named_modules() if "Norm" in type(m).__name__
+        f"{name}.{p}"
+        for name, m in model.named_modules()
+        if "Norm" in type(m).__name__
         for p, _ in m.named_parameters(recurse=False)
     }
     assert any("RMSNorm" in type(m).__name__ for m in model.modules())
@@ -66,16 +68,26 @@ def test_what_is_not_decayed(model):
     embeddings = {
         f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Embedding)
     }
-    assert {"decoder.model.embed_tokens.weight",
-            "encoders.text.backbone.embeddings.word_embeddings.weight",
-            "encoders.text.backbone.embeddings.position_embeddings.weight"} <= embeddings
+    assert {
+        "decoder.model.embed_tokens.weight",
+        "encoders.text.backbone.embeddings.word_embeddings.weight",
+        "encoders.text.backbone.embeddings.position_embeddings.weight",
+    } <= embeddings
     assert embeddings <= no_decay
-    for expected in ("encoders.image.backbone.pos_embed", "encoders.image.backbone.cls_token",
-                     "fusion.queries", "fusion.null_token", "fusion.type_embed.image",
-                     "fusion.type_embed.audio", "fusion.type_embed.text"):
+    for expected in (
+        "encoders.image.backbone.pos_embed",
+        "encoders.image.backbone.cls_token",
+        "fusion.queries",
+        "fusion.null_token",
+        "fusion.type_embed.image",
+        "fusion.type_embed.audio",
+        "fusion.type_embed.text",
+    ):
         assert expected in no_decay, expected
     assert {n for n in no_decay if any(k in n for k in NAMED_NO_DECAY)} >= {
-        "fusion.queries", "encoders.image.backbone.pos_embed"}
+        "fusion.queries",
+        "encoders.image.backbone.pos_embed",
+    }
 
 
 def test_frozen_parameters_are_left_out():
@@ -122,8 +134,7 @@ def test_warmup_cosine_shape():
     # cosine decay: monotone, halfway at the middle, ends at min_lr_ratio and stays there
     decay = lrs[5:21]
     assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
-    assert lrs[5 + 15 // 2] == pytest.approx(
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 15)))
+    assert lrs[5 + 15 // 2] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 15)))
     assert lrs[20] == pytest.approx(0.1)
     assert lrs[21:] == pytest.approx([0.1, 0.1])
 

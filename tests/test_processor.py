@@ -51,8 +51,9 @@ def _ids(text: str) -> list[int]:
 
 
 def test_sample_fields_and_shapes(base):
-    rec = record("r1", "What color is the circle?", "red", image="a.png", audio="s.wav",
-                 task="image/color")
+    rec = record(
+        "r1", "What color is the circle?", "red", image="a.png", audio="s.wav", task="image/color"
+    )
     sample = processor()(rec, base, source=SOURCE)
     assert sample.id == "r1" and sample.task == "image/color" and sample.reference is None
     assert sample.image.shape == (3, 64, 64) and sample.image.dtype == torch.float32
@@ -189,8 +190,9 @@ def test_record_without_id_is_named(base):
 
 def test_too_long_record(base):
     proc = processor(max_length=10)
-    _expect_record_error(proc, record("r16", "What color is the circle?", "red"), base,
-                         "max_length=10")
+    _expect_record_error(
+        proc, record("r16", "What color is the circle?", "red"), base, "max_length=10"
+    )
 
 
 def test_template_without_generation_block_raises_no_supervised_token(base):
@@ -248,8 +250,13 @@ def test_drop_modalities_removes_parts_and_placeholders(base):
 
 def test_prompt_for_chat(base):
     messages = [
-        {"role": "user", "content": [{"type": "image", "path": "a.png"},
-                                     {"type": "text", "text": "What color is the circle?"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "path": "a.png"},
+                {"type": "text", "text": "What color is the circle?"},
+            ],
+        },
     ]
     sample = processor().prompt(messages, base_dir=base)
     assert sample.id == "<chat>" and sample.reference is None
@@ -263,8 +270,9 @@ def test_prompt_for_chat(base):
 
 def test_prompt_errors_are_record_errors(base):
     with pytest.raises(RecordError, match="<chat>.*image file not found"):
-        processor().prompt([{"role": "user", "content": [{"type": "image", "path": "x.png"}]}],
-                           base_dir=base)
+        processor().prompt(
+            [{"role": "user", "content": [{"type": "image", "path": "x.png"}]}], base_dir=base
+        )
     with pytest.raises(RecordError, match="unknown type"):
         processor().prompt([{"role": "user", "content": [{"type": "gif"}]}])
 

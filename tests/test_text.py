@@ -59,8 +59,17 @@ def test_byte_level_encodes_any_text():
 def test_chat_template_renders_placeholders_and_roles():
     rendered = tokenizer().apply_chat_template(ONE_TURN, tokenize=False)
     # Checks the order of the pieces only (the newline layout is tested separately).
-    pieces = ["<|im_start|>", "user", IMAGE_TOKEN, "What color is the circle?", EOS,
-              "<|im_start|>", "assistant", "red", EOS]
+    pieces = [
+        "<|im_start|>",
+        "user",
+        IMAGE_TOKEN,
+        "What color is the circle?",
+        EOS,
+        "<|im_start|>",
+        "assistant",
+        "red",
+        EOS,
+    ]
     position = 0
     for piece in pieces:
         found = rendered.find(piece, position)
@@ -114,9 +123,7 @@ def test_multi_turn_supervises_both_answers_only():
 @pytest.mark.parametrize("answer", ["one", "two", "top left", "yes", "sawtooth"])
 def test_supervised_answer_does_not_merge_with_role(answer):
     tok = tokenizer()
-    ids, labels = encode_conversation(
-        tok, [ONE_TURN[0], {"role": "assistant", "content": answer}]
-    )
+    ids, labels = encode_conversation(tok, [ONE_TURN[0], {"role": "assistant", "content": answer}])
     assert supervised_text(tok, labels) == answer + "<|im_end|>"
 
 
@@ -126,7 +133,7 @@ def test_generation_prompt_ends_with_assistant_header_and_has_no_labels():
     assert labels == [IGNORE_INDEX] * len(ids)
     assert tok.decode(ids).endswith("<|im_end|>\n<|im_start|>assistant\n")
     header = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
-    assert ids[-len(header):] == header
+    assert ids[-len(header) :] == header
     # the prompt is the training sequence up to the answer
     train_ids, train_labels = encode_conversation(tok, ONE_TURN)
     first_supervised = next(i for i, label in enumerate(train_labels) if label != IGNORE_INDEX)
@@ -158,7 +165,16 @@ def test_user_text_and_message_text():
     assert user_text(MULTI_TURN) == "What color is the circle?\nWhat shape is it?"
     assert message_text(ONE_TURN[1]) == "red"
     assert message_text({"role": "assistant", "content": "plain"}) == "plain"
-    assert message_text(
-        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image"},
-                                     {"type": "text", "text": "b"}]}
-    ) == "ab"
+    assert (
+        message_text(
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "a"},
+                    {"type": "image"},
+                    {"type": "text", "text": "b"},
+                ],
+            }
+        )
+        == "ab"
+    )

@@ -7,6 +7,8 @@ part in every step (DDP then needs no unused-parameter search and never hangs).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import timm
@@ -33,9 +35,23 @@ def _scatter(sub: torch.Tensor, rows: torch.Tensor, batch_size: int) -> torch.Te
 def _min_samples(kernels: list[int], strides: list[int]) -> int:
     """Shortest waveform the convolutional front end turns into one frame."""
     length = 1
-    for kernel, stride in zip(reversed(kernels), reversed(strides)):
+    for kernel, stride in zip(reversed(kernels), reversed(strides), strict=False):
         length = (length - 1) * stride + kernel
     return length
+
+
+class ConvStem(nn.Sequential):
+    """Early convolutions for a ViT (Xiao et al., 2021): 3x3 stride-2 conv + GELU layers.
+
+    (B, 3, H, W) -> (B, channels[-1], H / 2**len(channels), W / 2**len(channels)).
+    """
+
+    def __init__(self, in_chans: int, channels: Sequence[int]) -> None:
+        layers: list[nn.Module] = []
+        for out_chans in channels:
+            layers += [nn.Conv2d(in_chans, out_chans, 3, stride=2, padding=1), nn.GELU()]
+            in_chans = out_chans
+        super().__init__(*layers)
 
 
 class VisionEncoder(nn.Module):
@@ -45,6 +61,9 @@ class VisionEncoder(nn.Module):
         d_model: fusion width the tokens are projected to.
         model_name: timm architecture name; keyword arguments override its sizes.
         pretrained: path of a local weights file (safetensors or a state dict) or None.
+        conv_stem: channels of stride-2 convolutions that replace the linear patch
+            embedding (a hybrid ViT; ``patch_size`` then counts feature-map cells, usually 1).
+            Early convolutions make a small ViT learn from scratch much faster.
         **vit_kwargs: timm arguments such as img_size, patch_size, embed_dim, depth, num_heads.
     """
 
@@ -53,9 +72,13 @@ class VisionEncoder(nn.Module):
         d_model: int,
         model_name: str = "vit_tiny_patch16_224",
         pretrained: str | None = None,
+        conv_stem: Sequence[int] | None = None,
         **vit_kwargs,
     ) -> None:
         super().__init__()
+        if conv_stem:
+            stem = ConvStem(vit_kwargs.get("in_chans", 3), conv_stem)
+            vit_kwargs["embed_layer"] = partial(timm.layers.HybridEmbed, backbone=stem)
         overlay = {"file": str(Path(pretrained))} if pretrained else None
         self.backbone = timm.create_model(
             model_name,
@@ -95,7 +118,9 @@ class AudioEncoder(nn.Module):
         else:
             raise ValueError("AudioEncoder needs a config or a pretrained directory")
         cfg = self.backbone.config
-        spec_augment = cfg.apply_spec_augment and (cfg.mask_time_prob > 0 or cfg.mask_feature_prob > 0)
+        spec_augment = cfg.apply_spec_augment and (
+            cfg.mask_time_prob > 0 or cfg.mask_feature_prob > 0
+        )
         masked_embed = getattr(self.backbone, "masked_spec_embed", None)
         if masked_embed is not None and not spec_augment:
             masked_embed.requires_grad_(False)  # never used without SpecAugment

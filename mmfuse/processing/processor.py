@@ -84,7 +84,9 @@ class Processor:
             checked = _validated_messages({"messages": list(messages)}, require_assistant=False)
             media = self._load_media(checked, Path(base_dir))
             input_ids, labels = encode_conversation(self.tokenizer, checked, True)
-            return self._to_sample({"id": "<chat>"}, "<chat>", checked, media, input_ids, labels, None)
+            return self._to_sample(
+                {"id": "<chat>"}, "<chat>", checked, media, input_ids, labels, None
+            )
         except (MediaError, ValueError) as err:
             raise RecordError("<chat>", "<chat>", str(err)) from err
 

@@ -18,8 +18,9 @@ IGNORE_INDEX = -100
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "<|im_start|>{{ message.role + '\\n' }}"
-    "{%- if message.content is string -%}{%- set parts = [{'type': 'text', 'text': message.content}]"
-    " -%}{%- else -%}{%- set parts = message.content -%}{%- endif -%}"
+    "{%- if message.content is string -%}"
+    "{%- set parts = [{'type': 'text', 'text': message.content}] -%}"
+    "{%- else -%}{%- set parts = message.content -%}{%- endif -%}"
     "{%- if message.role == 'assistant' -%}"
     "{%- generation -%}"
     "{%- for part in parts -%}{{ part.text }}{%- endfor -%}<|im_end|>"
@@ -101,7 +102,7 @@ def encode_conversation(
     if add_generation_prompt:
         return input_ids, [IGNORE_INDEX] * len(input_ids)
     mask = encoded["assistant_masks"]
-    labels = [tok if m else IGNORE_INDEX for tok, m in zip(input_ids, mask)]
+    labels = [tok if m else IGNORE_INDEX for tok, m in zip(input_ids, mask, strict=False)]
     return input_ids, labels
 
 
