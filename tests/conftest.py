@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from data_modules.world import WorldSize, generate_world
 from mmfuse.config import CONFIG_DIR
+from tests.helpers import torch_threads, write_media
 
 TINY_WORLD = WorldSize(n_train=132, n_val_per_task=2, n_test_per_task=3, multi_turn_fraction=0.5)
 
@@ -66,3 +67,18 @@ def trained_run(world_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
         cfg = compose("train", overrides=tiny_train_overrides(world_dir, out))
     train(cfg)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Model-heavy unit-test modules run torch on one thread (no oversubscription)."""
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with small test media (see ``tests.helpers.write_media``)."""
+    base = tmp_path_factory.mktemp("media")
+    write_media(base)
+    return base

@@ -6,15 +6,10 @@ import math
 
 import pytest
 import torch
-from helpers import torch_threads
 
 from mmfuse.modules.attention import Attention, FeedForward
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference_attention(attn: Attention, x, context=None, mask=None):

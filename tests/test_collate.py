@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import torch_threads
 
 from mmfuse.processing.collate import Collator, pad_sequences
 from mmfuse.types import Sample
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PAD = 0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 def _sample(sid, n_tokens, image=None, audio=None, n_prompt=2, first_label=None):

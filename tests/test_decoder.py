@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import compose_cfg, tokenizer, torch_threads
+from helpers import compose_cfg, tokenizer
 from hydra.utils import instantiate
 from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM
 
 from mmfuse.modules.decoder import build_decoder
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _llama_config(**overrides) -> LlamaConfig:

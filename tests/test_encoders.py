@@ -5,20 +5,16 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from helpers import tokenizer, torch_threads
+from helpers import tokenizer
 from safetensors.torch import save_file
 from transformers import BertConfig, Wav2Vec2Config
 
 from mmfuse.modules.encoders import AudioEncoder, TextEncoder, VisionEncoder
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 D = 8
 VIT = dict(img_size=32, patch_size=16, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 def _w2v_config() -> Wav2Vec2Config:

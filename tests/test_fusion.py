@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import torch_threads
 
 from mmfuse.modules.conditioning import PrefixConditioning
 from mmfuse.modules.fusion import CrossAttentionFusion
 from mmfuse.types import Memory, ModalityTokens
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 D, M = 16, 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture

@@ -6,18 +6,14 @@ import math
 
 import pytest
 import torch
-from helpers import build_tiny, collate, mixed_records, torch_threads, write_media
+from helpers import build_tiny, collate, mixed_records, write_media
 
 from mmfuse.generation import GenerationConfig, generate, next_token
 from mmfuse.loss import next_token_loss
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ANSWERS = ["yes", "a red circle", "middle", "two shapes and one beep"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import build_tiny, collate, mixed_records, record, torch_threads, write_media
+from helpers import build_tiny, collate, mixed_records, record, write_media
 
 from mmfuse.loss import next_token_loss
 from mmfuse.model import MMFuseModel
 from mmfuse.processing.text import IGNORE_INDEX
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 M = 8  # conf/model/tiny.yaml: fusion.num_queries
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    base = tmp_path_factory.mktemp("media")
-    write_media(base)
-    return base
 
 
 @pytest.fixture(scope="module")

@@ -6,25 +6,14 @@ import shutil
 
 import pytest
 import torch
-from helpers import build_tiny, collate, mixed_records, tokenizer, torch_threads, write_media
+from helpers import build_tiny, collate, mixed_records, tokenizer
 from omegaconf import OmegaConf
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 from data_modules import world
 from mmfuse.model_dir import CONFIG, TOKENIZER, WEIGHTS, load_model_dir, save_model_dir
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    base = tmp_path_factory.mktemp("media")
-    write_media(base)
-    return base
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from helpers import (
     record,
     supervised_text,
     tokenizer,
-    torch_threads,
     write_media,
     write_png,
     write_wav,
@@ -31,13 +30,9 @@ from mmfuse.processing.text import (
     encode_conversation,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SOURCE = "data/train.jsonl"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture
