@@ -77,3 +77,24 @@ def test_missing_media_stops_training_naming_record(tmp_path: Path, world_dir: P
         train(cfg)
     message = str(err.value)
     assert str(bad) in message and record["id"] in message and "not found" in message
+
+
+def test_resume_from_last_checkpoint(
+    trained_run: Path, world_dir: Path, tmp_path: Path, compose_train
+) -> None:
+    dropped = ("trainer.max_steps", "trainer.max_epochs", "+trainer.limit_val_batches")
+    overrides = [o for o in tiny_train_overrides(world_dir, tmp_path) if not o.startswith(dropped)]
+    last = trained_run / "checkpoints" / "last.ckpt"
+    cfg = compose_train(
+        [
+            *overrides,
+            "trainer.max_steps=8",
+            "trainer.max_epochs=2",
+            "+trainer.limit_val_batches=0",
+            f"ckpt_path={last}",
+        ]
+    )
+    train(cfg)
+    start = torch.load(last, weights_only=False)["global_step"]
+    end = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert start == 6 and end > start, "resumed at the saved step and trained on"
