@@ -89,6 +89,30 @@ def test_vision_without_images_gives_zero_gradients(vision):
     _assert_all_grads(vision, zero=True)
 
 
+def test_vision_conv_stem_grid_and_position_embedding_scale():
+    torch.manual_seed(0)
+    stem_vit = {**VIT, "patch_size": 2}  # 2x2 cells of the 8x8 map after two stride-2 convs
+    vision = VisionEncoder(D, conv_stem=[4, 8], pos_embed_std=1.0, **stem_vit)
+    assert isinstance(vision.backbone.patch_embed.backbone[1], torch.nn.BatchNorm2d)
+    assert 0.7 < vision.backbone.pos_embed.std().item() < 1.3  # timm alone gives 0.02
+    out = vision(torch.randn(2, 3, 32, 32), torch.tensor([True, True]))
+    assert out.feats.shape == (2, 1 + 4 * 4, D)
+
+
+def test_vision_dummy_row_leaves_batchnorm_statistics_alone():
+    torch.manual_seed(0)
+    vision = VisionEncoder(D, conv_stem=[4, 8], **{**VIT, "patch_size": 2}).train()
+    norm = vision.backbone.patch_embed.backbone[1]
+    vision(torch.randn(2, 3, 32, 32), torch.tensor([True, False]))
+    seen = norm.running_mean.clone()
+    assert not torch.equal(seen, torch.zeros_like(seen))  # real images update the statistics
+    out = vision(torch.zeros(2, 3, 32, 32), torch.tensor([False, False]))  # the dummy row
+    torch.testing.assert_close(norm.running_mean, seen)
+    assert norm.training  # and the layer is back in training mode
+    (out.feats * out.mask[..., None]).sum().backward()
+    _assert_all_grads(vision, zero=True)
+
+
 def test_vision_loads_safetensors_weights(tmp_path, vision):
     path = tmp_path / "vit.safetensors"
     save_file(vision.backbone.state_dict(), str(path))

@@ -86,6 +86,26 @@ def test_wrong_modalities_raise(fusion):
         fusion({**tokens, "text": tokens["image"]})
 
 
+def test_prompt_makes_the_memory_instruction_aware():
+    torch.manual_seed(0)
+    fusion = CrossAttentionFusion(["image", "text"], D, num_queries=M, num_layers=1).eval()
+    image = _tokens()["image"]
+    prompt_mask = torch.tensor([[True, True, False]] * 3)
+    prompts = torch.randn(2, 3, 3, D)
+    first = fusion({"image": image, "text": ModalityTokens(prompts[0], prompt_mask)}).feats
+    second = fusion({"image": image, "text": ModalityTokens(prompts[1], prompt_mask)}).feats
+    # another question about the same image gives another memory, already in the first block
+    assert not torch.allclose(first[0], second[0], atol=1e-4)
+    padded = prompts[0].clone()
+    padded[:, 2] = torch.randn(3, D) * 50  # masked prompt tokens change nothing
+    same = fusion({"image": image, "text": ModalityTokens(padded, prompt_mask)}).feats
+    torch.testing.assert_close(same, first)
+    # a prompt is not media: a record without media still gets only the null token to read
+    no_media = ModalityTokens(image.feats, torch.zeros_like(image.mask))
+    out = fusion({"image": no_media, "text": ModalityTokens(prompts[0], prompt_mask)}).feats
+    assert torch.isfinite(out).all()
+
+
 def test_every_parameter_gets_a_gradient(fusion):
     fusion.train()
     fusion(_tokens()).feats.sum().backward()

@@ -7,7 +7,8 @@ part in every step (DDP then needs no unused-parameter search and never hangs).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -40,8 +41,24 @@ def _min_samples(kernels: list[int], strides: list[int]) -> int:
     return length
 
 
+@contextmanager
+def _batchnorm_stats_frozen(module: nn.Module, frozen: bool) -> Iterator[None]:
+    """Runs BatchNorm layers with their running statistics (and without updating them) when
+    ``frozen``: a masked dummy row must not move the statistics of real images."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = [m.training for m in norms]
+    if frozen:
+        for norm in norms:
+            norm.train(False)
+    try:
+        yield
+    finally:
+        for norm, mode in zip(norms, modes, strict=True):
+            norm.train(mode)
+
+
 class ConvStem(nn.Sequential):
-    """Early convolutions for a ViT (Xiao et al., 2021): 3x3 stride-2 conv + GELU layers.
+    """Early convolutions for a ViT (Xiao et al., 2021): 3x3 stride-2 conv, BatchNorm, ReLU.
 
     (B, 3, H, W) -> (B, channels[-1], H / 2**len(channels), W / 2**len(channels)).
     """
@@ -49,7 +66,11 @@ class ConvStem(nn.Sequential):
     def __init__(self, in_chans: int, channels: Sequence[int]) -> None:
         layers: list[nn.Module] = []
         for out_chans in channels:
-            layers += [nn.Conv2d(in_chans, out_chans, 3, stride=2, padding=1), nn.GELU()]
+            layers += [
+                nn.Conv2d(in_chans, out_chans, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(out_chans),
+                nn.ReLU(inplace=True),
+            ]
             in_chans = out_chans
         super().__init__(*layers)
 
@@ -64,6 +85,9 @@ class VisionEncoder(nn.Module):
         conv_stem: channels of stride-2 convolutions that replace the linear patch
             embedding (a hybrid ViT; ``patch_size`` then counts feature-map cells, usually 1).
             Early convolutions make a small ViT learn from scratch much faster.
+        pos_embed_std: standard deviation of the random position embeddings (timm uses
+            0.02); larger values let a ViT trained from scratch tell places apart from the
+            first step. Ignored with ``pretrained``.
         **vit_kwargs: timm arguments such as img_size, patch_size, embed_dim, depth, num_heads.
     """
 
@@ -73,6 +97,7 @@ class VisionEncoder(nn.Module):
         model_name: str = "vit_tiny_patch16_224",
         pretrained: str | None = None,
         conv_stem: Sequence[int] | None = None,
+        pos_embed_std: float | None = None,
         **vit_kwargs,
     ) -> None:
         super().__init__()
@@ -88,12 +113,15 @@ class VisionEncoder(nn.Module):
             global_pool="",
             **vit_kwargs,
         )
+        if pos_embed_std is not None and not pretrained and self.backbone.pos_embed is not None:
+            nn.init.normal_(self.backbone.pos_embed, std=pos_embed_std)
         self.proj = nn.Linear(self.backbone.embed_dim, d_model)
 
     def forward(self, pixels: torch.Tensor, present: torch.Tensor) -> ModalityTokens:
         """pixels (B, 3, H, W), present (B,) bool -> tokens (B, N, D), mask (B, N)."""
         rows = _rows(present)
-        feats = self.proj(self.backbone.forward_features(pixels[rows]))  # (b, N, D)
+        with _batchnorm_stats_frozen(self.backbone, not bool(present.any())):
+            feats = self.proj(self.backbone.forward_features(pixels[rows]))  # (b, N, D)
         full = _scatter(feats, rows, pixels.shape[0])
         return ModalityTokens(full, present[:, None].expand(-1, full.shape[1]))
 

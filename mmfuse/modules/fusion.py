@@ -12,7 +12,12 @@ from mmfuse.types import Memory, ModalityTokens
 
 
 class FusionBlock(nn.Module):
-    """Pre-norm block: queries cross-attend to the media, then self-attend, then an MLP."""
+    """Pre-norm block: queries self-attend (with the prompt tokens, if any), cross-attend to
+    the media, then pass an MLP.
+
+    Attending to the prompt first makes the cross-attention of the same block
+    instruction-aware: a query can look for "the red one" in the image the question names.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float) -> None:
         super().__init__()
@@ -24,19 +29,34 @@ class FusionBlock(nn.Module):
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = FeedForward(dim, mlp_ratio, dropout)
 
-    def forward(self, q: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """q (B, M, D), ctx (B, N, D), mask (B, N) -> (B, M, D)."""
-        q = q + self.cross(self.norm_q(q), self.norm_ctx(ctx), mask)
+    def forward(
+        self,
+        q: torch.Tensor,
+        ctx: torch.Tensor,
+        mask: torch.Tensor,
+        prompt: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """q (B, M, D), media ctx (B, N, D) + mask (B, N), prompt (B, P, D) + mask (B, P)
+        -> (B, M, D)."""
         h = self.norm_self(q)
-        q = q + self.self_attn(h)
+        if prompt is None:
+            q = q + self.self_attn(h)
+        else:  # queries attend to themselves and to the prompt tokens
+            both = torch.cat([h, self.norm_self(prompt)], dim=1)  # (B, M+P, D)
+            keep = torch.cat([torch.ones_like(h[..., 0], dtype=torch.bool), prompt_mask], dim=1)
+            q = q + self.self_attn(h, both, keep)
+        q = q + self.cross(self.norm_q(q), self.norm_ctx(ctx), mask)
         return q + self.mlp(self.norm_mlp(q))
 
 
 class CrossAttentionFusion(nn.Module):
-    """Learned queries attend to the tokens of every modality at once.
+    """Learned queries attend to the tokens of every media modality at once.
 
     Each modality's tokens get a learned type embedding; one learned null token is always
-    present so a record without any media (or prompt) still has something to attend to.
+    present so a record without any media still has something to attend to. A ``text``
+    modality (the encoded prompt) is not media: the queries attend to it in their
+    self-attention, before each cross-attention to the media (instruction-aware fusion).
 
     Args:
         modalities: the modality names this fusion receives, in any order.
@@ -77,12 +97,17 @@ class CrossAttentionFusion(nn.Module):
         batch = next(iter(tokens.values())).feats.shape[0]
         feats = [self.null_token.expand(batch, -1, -1)]
         masks = [torch.ones(batch, 1, dtype=torch.bool, device=self.queries.device)]
+        prompt = prompt_mask = None
         for name in self.modalities:
-            feats.append(tokens[name].feats + self.type_embed[name])
-            masks.append(tokens[name].mask)
+            typed = tokens[name].feats + self.type_embed[name]
+            if name == "text":
+                prompt, prompt_mask = typed, tokens[name].mask
+            else:
+                feats.append(typed)
+                masks.append(tokens[name].mask)
         ctx, mask = torch.cat(feats, dim=1), torch.cat(masks, dim=1)  # (B, N, D), (B, N)
         q = self.queries.expand(batch, -1, -1)  # (B, M, D)
         for block in self.blocks:
-            q = block(q, ctx, mask)
+            q = block(q, ctx, mask, prompt, prompt_mask)
         q = self.norm(q)
         return Memory(q, torch.ones(q.shape[:2], dtype=torch.bool, device=q.device))
