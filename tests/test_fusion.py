@@ -100,7 +100,7 @@ def test_prompt_makes_the_memory_instruction_aware():
     padded[:, 2] = torch.randn(3, D) * 50  # masked prompt tokens change nothing
     same = fusion({"image": image, "text": ModalityTokens(padded, prompt_mask)}).feats
     torch.testing.assert_close(same, first)
-    # a prompt is not media: a record without media still gets only the null token to read
+    # a record with a prompt and no media reads the null token only: finite, no empty softmax
     no_media = ModalityTokens(image.feats, torch.zeros_like(image.mask))
     out = fusion({"image": no_media, "text": ModalityTokens(prompts[0], prompt_mask)}).feats
     assert torch.isfinite(out).all()
