@@ -28,6 +28,8 @@ class MMFuseLitModule(LightningModule):
         optimizer: partial optimiser, called with parameter groups.
         scheduler: partial schedule, called with the optimiser and ``total_steps``; or None.
         weight_decay: decay for weights; biases, norms and embeddings get none.
+        lr_scale: ``{parameter-name prefix: multiplier of the optimiser's lr}``, e.g.
+            ``{"encoders.image": 3.0}``; the optimiser partial must set ``lr``.
         generation: decoding settings for validation generation.
     """
 
@@ -37,6 +39,7 @@ class MMFuseLitModule(LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         weight_decay: float = 0.01,
+        lr_scale: dict[str, float] | None = None,
         generation: GenerationConfig | None = None,
     ) -> None:
         super().__init__()
@@ -45,6 +48,7 @@ class MMFuseLitModule(LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.weight_decay = weight_decay
+        self.lr_scale = dict(lr_scale or {})
         self.generation = generation or GenerationConfig()
         self._val_scores = ExactMatchByTask()
 
@@ -106,7 +110,9 @@ class MMFuseLitModule(LightningModule):
         return self.trainer.strategy.reduce(values, reduce_op="sum")
 
     def configure_optimizers(self) -> dict:
-        optimizer = self.optimizer_factory(params=param_groups(self.model, self.weight_decay))
+        lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
+        groups = param_groups(self.model, self.weight_decay, self.lr_scale, lr)
+        optimizer = self.optimizer_factory(params=groups)
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
         total = int(self.trainer.estimated_stepping_batches)

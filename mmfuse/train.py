@@ -36,6 +36,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         weight_decay=cfg.weight_decay,
+        lr_scale=cfg.get("lr_scale"),
         generation=instantiate(cfg.generation),
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]

@@ -114,6 +114,33 @@ def test_name_rules_on_a_custom_module():
     assert sorted(no_decay) == ["scale", "word_embedding"]
 
 
+def test_lr_scale_gives_a_component_groups_of_its_own(model):
+    groups = param_groups(model, 0.1, lr_scale={"encoders.image": 3.0, "fusion": 0.5}, lr=2e-3)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0] * 3
+    assert [g.get("lr") for g in groups] == [None, None, 6e-3, 6e-3, 1e-3, 1e-3]
+    names = {id(p): n for n, p in model.named_parameters()}
+    image = {names[id(p)] for g in groups[2:4] for p in g["params"]}
+    fusion = {names[id(p)] for g in groups[4:6] for p in g["params"]}
+    rest = {names[id(p)] for g in groups[:2] for p in g["params"]}
+    assert image == {n for n in names.values() if n.startswith("encoders.image.")}
+    assert fusion == {n for n in names.values() if n.startswith("fusion.")}
+    assert not rest & (image | fusion) and len(rest | image | fusion) == len(names)
+    # the decay rules hold inside a scaled component too
+    assert "encoders.image.backbone.pos_embed" in {names[id(p)] for p in groups[3]["params"]}
+    # the schedule scales every group's own learning rate
+    optimizer = torch.optim.AdamW(groups, lr=2e-3)
+    warmup_cosine(optimizer, total_steps=10, warmup_steps=2)
+    expected = [1e-3, 1e-3, 3e-3, 3e-3, 5e-4, 5e-4]  # half the peak in the first warm-up step
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(expected)
+
+
+def test_lr_scale_errors_name_the_problem(model):
+    with pytest.raises(ValueError, match="no trainable parameter under 'encoders.imag'"):
+        param_groups(model, 0.1, lr_scale={"encoders.imag": 2.0}, lr=1e-3)
+    with pytest.raises(ValueError, match="needs the optimiser's lr"):
+        param_groups(model, 0.1, lr_scale={"fusion": 2.0})
+
+
 def _lrs(total, **kwargs):
     param = nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=2.0)
