@@ -36,7 +36,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         weight_decay=cfg.weight_decay,
-        lr_scale=cfg.get("lr_scale"),
+        # plain floats: the checkpoint's hyper-parameters must load with weights_only=True
+        lr_scale=OmegaConf.to_container(cfg.lr_scale) if cfg.get("lr_scale") else None,
         generation=instantiate(cfg.generation),
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
