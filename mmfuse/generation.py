@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +22,9 @@ class GenerationConfig:
         top_k: keep the k most likely tokens (0 = all).
         top_p: keep the smallest set whose probability reaches p (1.0 = all).
         seed: seeds the sampler, making sampled output reproducible.
+        num_beams: beam search with this many beams when above 1 (deterministic; the
+            sampling settings are then ignored).
+        length_penalty: beam scores are divided by ``length ** length_penalty``.
     """
 
     max_new_tokens: int = 32
@@ -30,6 +33,8 @@ class GenerationConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
 
 
 def next_token(
@@ -52,39 +57,70 @@ def next_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def _pick(
+    logits: torch.Tensor,
+    configs: Sequence[GenerationConfig],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """One token per row from (B, V) logits, each row with its own settings and generator."""
+    if not any(c.do_sample for c in configs):
+        return logits.argmax(dim=-1)
+    pairs = zip(configs, generators, strict=True)
+    return torch.cat([next_token(logits[r : r + 1], c, g) for r, (c, g) in enumerate(pairs)])
+
+
 @torch.no_grad()
 def generate(
     model: MMFuseModel,
     batch: Batch,
-    config: GenerationConfig,
+    config: GenerationConfig | Sequence[GenerationConfig],
     use_cache: bool = True,
-    on_tokens: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    on_tokens: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
 ) -> list[list[int]]:
     """Generates a continuation for every record of a (left-padded) batch.
 
     Args:
         model: the model; its tokenizer's eos token ends a row.
         batch: prompts ending with the assistant header.
-        config: decoding settings.
+        config: decoding settings, one for the whole batch (one generator draws for all
+            rows) or one per row (a server batching different requests: each seeded row
+            samples from its own generator, so its output does not depend on its batch).
         use_cache: reuse keys and values of earlier positions (the KV cache); without it
             every step re-runs the whole sequence (for tests and benchmarks).
-        on_tokens: called after each step with the new tokens (B,) and the finished mask (B,).
+        on_tokens: called after each step with the new tokens (B,) and the mask (B,) of rows
+            whose token is not part of the output (end-of-turn or padding). It may return a
+            (B,) bool mask of rows to end after this step (a stop string was seen).
 
     Returns:
         The generated ids of each row, without the end-of-turn token.
     """
+    rows = batch.input_ids.shape[0]
+    configs = [config] * rows if isinstance(config, GenerationConfig) else list(config)
+    if len(configs) != rows:
+        raise ValueError(f"{len(configs)} generation configs for a batch of {rows} rows")
+    if any(c.num_beams > 1 for c in configs):
+        if any(c != configs[0] for c in configs):
+            raise ValueError("beam search needs one generation config for the whole batch")
+        from mmfuse.beam_search import beam_search
+
+        return beam_search(model, batch, configs[0])
     eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
     embed = model.decoder.get_input_embeddings()
     inputs = model.prepare_inputs(batch)
     embeds, mask, positions = inputs.embeds, inputs.attention_mask, inputs.position_ids
     device = embeds.device
-    generator = None
-    if config.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(config.seed)
-    finished = torch.zeros(embeds.shape[0], dtype=torch.bool, device=device)
-    out: list[list[int]] = [[] for _ in range(embeds.shape[0])]
+    shared = isinstance(config, GenerationConfig)
+    generators = [  # one for the batch, or one per row
+        torch.Generator(device=device).manual_seed(c.seed)
+        if c.do_sample and c.seed is not None
+        else None
+        for c in (configs[:1] if shared else configs)
+    ]
+    limits = torch.tensor([c.max_new_tokens for c in configs], device=device)  # (B,)
+    finished = limits <= 0  # (B,)
+    out: list[list[int]] = [[] for _ in range(rows)]
     step_embeds, step_positions, cache = embeds, positions, None
-    for _ in range(config.max_new_tokens):
+    for step in range(int(limits.max())):
         result = model.decoder(
             inputs_embeds=step_embeds,
             attention_mask=mask,
@@ -93,14 +129,20 @@ def generate(
             use_cache=use_cache,
             logits_to_keep=1,
         )
-        token = next_token(result.logits[:, -1].float(), config, generator)  # (B,)
+        logits = result.logits[:, -1].float()  # (B, V)
+        if shared:
+            token = next_token(logits, configs[0], generators[0])  # (B,)
+        else:
+            token = _pick(logits, configs, generators)
         token = torch.where(finished, torch.full_like(token, pad), token)
         for row, value in enumerate(token.tolist()):
             if not finished[row] and value != eos:
                 out[row].append(value)
         finished = finished | (token == eos)
-        if on_tokens is not None:
-            on_tokens(token, finished)
+        stop = on_tokens(token, finished) if on_tokens is not None else None
+        finished = finished | (limits <= step + 1)
+        if stop is not None:
+            finished = finished | stop
         if bool(finished.all()):
             break
         new = embed(token)[:, None]  # (B, 1, H)

@@ -222,3 +222,30 @@ def test_cache_equivalence_for_each_decoder_config(tmp_path, decoder):
         cached = generate(model, prompts, config, use_cache=True)
         assert cached == generate(model, prompts, config, use_cache=False)
         assert all(len(ids) == 6 for ids in cached)  # untrained: no early end-of-turn
+
+
+def test_per_row_configs_do_not_depend_on_the_batch(setup):
+    """A server batches requests with their own settings: each seeded row gives what it gives
+    alone, and a row's max_new_tokens ends only that row."""
+    proc, model, prompts, records, base = setup
+    configs = [
+        GenerationConfig(max_new_tokens=8, do_sample=True, temperature=5.0, seed=1),
+        GenerationConfig(max_new_tokens=2),
+        GenerationConfig(max_new_tokens=8, do_sample=True, temperature=3.0, top_p=0.9, seed=2),
+        GenerationConfig(max_new_tokens=12),
+    ]
+    batched = generate(model, prompts, configs)
+    for row, (rec, config) in enumerate(zip(records, configs, strict=True)):
+        single = collate(proc, [rec], base, side="left", for_generation=True)
+        assert generate(model, single, config)[0] == batched[row]
+    assert len(batched[1]) <= 2 and len(batched[3]) > 2
+
+
+def test_on_tokens_can_end_rows(setup):
+    _, model, prompts, _, _ = setup
+    full = generate(model, prompts, GenerationConfig(max_new_tokens=12))
+    end_row_0 = torch.tensor([True, False, False, False])
+    cut = generate(
+        model, prompts, GenerationConfig(max_new_tokens=12), on_tokens=lambda t, f: end_row_0
+    )
+    assert cut[0] == full[0][:1] and cut[1:] == full[1:]
