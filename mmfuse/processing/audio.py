@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -26,17 +27,21 @@ class AudioProcessor:
         self.max_samples = int(max_seconds * sample_rate)
         self.normalize = normalize
 
-    def load(self, path: str | Path) -> torch.Tensor:
-        """Reads ``path`` and returns the processed (S,) float waveform."""
-        path = Path(path)
-        if not path.is_file():
-            raise MediaError(f"audio file not found: {path}")
+    def load(self, source: str | Path | BinaryIO) -> torch.Tensor:
+        """Reads a file path or an open binary file; returns the processed (S,) waveform."""
+        if isinstance(source, (str, Path)):
+            source = Path(source)
+            if not source.is_file():
+                raise MediaError(f"audio file not found: {source}")
+        name = source if isinstance(source, Path) else "<audio data>"
         try:
-            data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+            data, rate = sf.read(
+                str(source) if isinstance(source, Path) else source, dtype="float32", always_2d=True
+            )
         except (sf.LibsndfileError, RuntimeError, TypeError) as err:
-            raise MediaError(f"unreadable audio {path}: {err}") from err
+            raise MediaError(f"unreadable audio {name}: {err}") from err
         if data.shape[0] == 0:
-            raise MediaError(f"empty audio {path}")
+            raise MediaError(f"empty audio {name}")
         return self.from_array(data.mean(axis=1), rate)
 
     def from_array(self, wave: np.ndarray, rate: int) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -31,19 +32,21 @@ class ImageProcessor:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
-    def load(self, path: str | Path) -> torch.Tensor:
-        """Reads ``path`` and returns (3, size, size) float pixels."""
-        path = Path(path)
-        if not path.is_file():
-            raise MediaError(f"image file not found: {path}")
+    def load(self, source: str | Path | BinaryIO) -> torch.Tensor:
+        """Reads a file path or an open binary file and returns (3, size, size) pixels."""
+        if isinstance(source, (str, Path)):
+            source = Path(source)
+            if not source.is_file():
+                raise MediaError(f"image file not found: {source}")
+        name = source if isinstance(source, Path) else "<image data>"
         try:
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 img = img.convert("RGB")
                 if img.size != (self.size, self.size):
                     img = img.resize((self.size, self.size), Image.Resampling.BICUBIC)
                 array = np.asarray(img, dtype=np.uint8)
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise MediaError(f"unreadable image {path}: {err}") from err
+            raise MediaError(f"unreadable image {name}: {err}") from err
         return self.from_array(array)
 
     def from_array(self, array: np.ndarray) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -99,10 +100,13 @@ class Processor:
                     continue
                 if kind in media:
                     raise ValueError(f"more than one {kind} part; one per record is supported")
-                if "path" not in part:
-                    raise ValueError(f"{kind} part has no 'path'")
                 loader = self.image if kind == "image" else self.audio
-                media[kind] = loader.load(base_dir / part["path"])
+                if "data" in part:  # bytes already in memory (a server request)
+                    media[kind] = loader.load(io.BytesIO(part["data"]))
+                elif "path" in part:
+                    media[kind] = loader.load(base_dir / part["path"])
+                else:
+                    raise ValueError(f"{kind} part has no 'path'")
         return media
 
     def _sample(

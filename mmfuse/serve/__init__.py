@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: ``mmfuse-serve ckpt=<model dir> port=<n>``."""

@@ -1,0 +1,51 @@
+"""``mmfuse-serve ckpt=<model dir> port=<n>``: loads a model directory and serves it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+import uvicorn
+from fastapi import FastAPI
+from omegaconf import DictConfig, OmegaConf
+
+from mmfuse.config import CONFIG_DIR
+from mmfuse.model_dir import load_model_dir
+from mmfuse.processing.collate import Collator
+from mmfuse.serve.app import ServerSettings, create_app
+from mmfuse.serve.batcher import DynamicBatcher
+from mmfuse.serve.media import MediaLimits
+from mmfuse.serve.requests import RequestLimits
+
+
+def build_server(cfg: DictConfig) -> tuple[FastAPI, DynamicBatcher]:
+    """Loads the model and returns the app and its batcher (close it when done)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, processor = load_model_dir(cfg.ckpt, cfg.device)
+    collator = Collator(processor.tokenizer.pad_token_id, "left", processor.image.size)
+    batcher = DynamicBatcher(model, collator, cfg.batching.max_batch_size, cfg.batching.max_wait_ms)
+    settings = ServerSettings(
+        model_name=cfg.model_name or Path(cfg.ckpt).resolve().name,
+        api_key=cfg.api_key,
+        max_body_bytes=cfg.limits.max_body_bytes,
+        default_max_tokens=cfg.default_max_tokens,
+        media=MediaLimits(**OmegaConf.to_container(cfg.media, resolve=True)),
+        requests=RequestLimits(**OmegaConf.to_container(cfg.requests, resolve=True)),
+    )
+    return create_app(processor, batcher, settings), batcher
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="serve")
+def main(cfg: DictConfig) -> None:
+    """Serves until interrupted."""
+    app, batcher = build_server(cfg)
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    finally:
+        batcher.close()
+
+
+if __name__ == "__main__":
+    main()
