@@ -18,6 +18,7 @@ from mmfuse.model import MMFuseModel
 from mmfuse.processing.processor import Processor
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.yaml", "tokenizer"
+_AUTO_CONFIG = "transformers.AutoConfig.from_pretrained"
 _HF_PARTS = {
     "decoder": "decoder",
     "audio": "encoders.audio.backbone",
@@ -50,7 +51,9 @@ def save_model_dir(model: MMFuseModel, cfg: DictConfig, out_dir: str | Path) -> 
     }
     for key, attribute in _HF_PARTS.items():
         node = saved.model.get(key)
-        if node is None or not node.get("pretrained"):
+        # a part whose architecture lives in a directory (a pretrained model, or the
+        # `<part>_config/` of a model directory this run started from) gets its own copy
+        if node is None or not (node.get("pretrained") or _config_from_directory(node)):
             continue
         part = model.get_submodule(attribute)
         part.config.save_pretrained(str(out / f"{key}_config"))
@@ -58,7 +61,7 @@ def save_model_dir(model: MMFuseModel, cfg: DictConfig, out_dir: str | Path) -> 
         if key != "audio":
             node.vocab_size = part.get_input_embeddings().num_embeddings
         node.config = {
-            "_target_": "transformers.AutoConfig.from_pretrained",
+            "_target_": _AUTO_CONFIG,
             "pretrained_model_name_or_path": "${model_dir}/" + f"{key}_config",
         }
     if saved.model.get("vision") is not None:
@@ -92,13 +95,39 @@ def load_model_dir(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[MMFuseModel, Processor]:
     """Loads a model directory written by ``save_model_dir`` (in eval mode)."""
+    processor, model = build_processor_and_model(read_model_dir_config(path))
+    load_weights(model, path)
+    return model.to(device).eval(), processor
+
+
+def read_model_dir_config(path: str | Path) -> DictConfig:
+    """The ``model`` and ``processor`` configs saved in a model directory, resolved.
+
+    Paths inside (the tokenizer, ``<part>_config/``) become absolute paths into ``path``.
+    """
     path = Path(path)
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         raise FileNotFoundError(f"{path} is not a model directory (needs {CONFIG} and {WEIGHTS})")
     cfg = OmegaConf.load(path / CONFIG)
     cfg.model_dir = str(path.resolve())
-    processor, model = build_processor_and_model(cfg)
-    missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
+    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+
+
+def load_weights(model: MMFuseModel, path: str | Path) -> None:
+    """Loads a model directory's weights into ``model``; every key and shape must match.
+
+    Raises:
+        ValueError: naming the directory and the keys or shapes that differ.
+    """
+    weights = Path(path) / WEIGHTS
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except RuntimeError as err:  # size mismatches
+        raise ValueError(f"{weights}: the weights do not fit the model: {err}") from err
     if missing or unexpected:
-        raise ValueError(f"{path / WEIGHTS}: missing {missing}, unexpected {unexpected}")
-    return model.to(device).eval(), processor
+        raise ValueError(f"{weights}: missing {missing}, unexpected {unexpected}")
+
+
+def _config_from_directory(node: DictConfig) -> bool:
+    config = node.get("config")
+    return isinstance(config, DictConfig) and config.get("_target_") == _AUTO_CONFIG

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -10,17 +11,25 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mmfuse.config import CONFIG_DIR
 from mmfuse.lit_module import MMFuseLitModule
-from mmfuse.model_dir import build_processor_and_model, save_model_dir
+from mmfuse.model_dir import (
+    build_processor_and_model,
+    load_weights,
+    read_model_dir_config,
+    save_model_dir,
+)
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Builds everything from ``cfg``, fits, and writes ``<output_dir>/model``.
+
+    With ``init_from`` (a model directory) the model and processor configs are that
+    directory's (its architecture and tokenizer) and training starts from its weights.
 
     Returns:
         The final logged metrics as floats.
@@ -29,7 +38,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)
     output_dir = Path(cfg.paths.output_dir)
+    init_from = cfg.get("init_from")
+    if init_from:
+        cfg = _with_model_dir_config(cfg, init_from)
     processor, model = build_processor_and_model(cfg)
+    if init_from:
+        load_weights(model, init_from)
     datamodule = instantiate(cfg.data, processor=processor, _convert_="all")
     module = MMFuseLitModule(
         model,
@@ -53,6 +67,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         model_dir = save_model_dir(model, cfg, output_dir / "model")
         log.info("model saved to %s", model_dir)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def _with_model_dir_config(cfg: DictConfig, model_dir: str) -> DictConfig:
+    """A copy of ``cfg`` whose ``model`` and ``processor`` are those saved in ``model_dir``."""
+    saved = read_model_dir_config(model_dir)
+    log.info("init_from=%s: model and processor configs come from that directory", model_dir)
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.model, cfg.processor = saved.model, saved.processor
+    return cfg
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
