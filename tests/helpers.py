@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -200,3 +201,40 @@ def collate(
 def supervised_text(tok, labels: Sequence[int]) -> str:
     """Decodes the supervised label ids (those that are not -100)."""
     return tok.decode([int(x) for x in labels if int(x) != -100])
+
+
+MEMORISED_ANSWERS = ["yes", "a red circle", "middle", "two shapes and one beep"]
+
+
+def train_to_memorise(
+    tmp_path_factory, steps: int = 60, snapshot_at: int | None = None
+) -> tuple[Processor, MMFuseModel, MMFuseModel | None, Batch, list[dict], Path]:
+    """The tiny model trained ``steps`` full-batch steps on the four mixed records, whose
+    answers (``MEMORISED_ANSWERS``, of different lengths) it then reproduces.
+
+    Returns:
+        processor, the trained model (eval mode), an eval-mode copy taken before step
+        ``snapshot_at`` (or None), left-padded generation prompts, the records, media dir.
+    """
+    from mmfuse.loss import next_token_loss
+
+    base = tmp_path_factory.mktemp("media")
+    write_media(base)
+    records = mixed_records()
+    for rec, answer in zip(records, MEMORISED_ANSWERS, strict=True):
+        rec["messages"][1]["content"][0]["text"] = answer
+    proc, model, _ = build_tiny(tmp_path_factory.mktemp("out"), seed=0)
+    batch = collate(proc, records, base)
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    snapshot = None
+    for step in range(steps):
+        if step == snapshot_at:
+            snapshot = copy.deepcopy(model).eval()
+        optimizer.zero_grad()
+        loss, _ = next_token_loss(*model(batch))
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    prompts = collate(proc, records, base, side="left", for_generation=True)
+    return proc, model, snapshot, prompts, records, base

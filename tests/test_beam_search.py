@@ -2,44 +2,24 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from helpers import build_tiny, collate, mixed_records, write_media
+from helpers import MEMORISED_ANSWERS, collate, train_to_memorise
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mmfuse.beam_search import beam_search, beam_search_embeds
 from mmfuse.generation import GenerationConfig, generate
-from mmfuse.loss import next_token_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-ANSWERS = ["yes", "a red circle", "middle", "two shapes and one beep"]
+ANSWERS = MEMORISED_ANSWERS
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """The tiny model half-trained (30 steps: answers and end-of-turn tokens are likely but
     greedy and beam search still disagree) and fully trained (60 steps: answers memorised)."""
-    base = tmp_path_factory.mktemp("media")
-    write_media(base)
-    records = mixed_records()
-    for rec, answer in zip(records, ANSWERS, strict=True):
-        rec["messages"][1]["content"][0]["text"] = answer
-    proc, model, _ = build_tiny(tmp_path_factory.mktemp("out"), seed=0)
-    batch = collate(proc, records, base)
-    torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(60):
-        if step == 30:
-            half = copy.deepcopy(model).eval()
-        optimizer.zero_grad()
-        loss, _ = next_token_loss(*model(batch))
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    prompts = collate(proc, records, base, side="left", for_generation=True)
+    proc, model, half, prompts, records, base = train_to_memorise(tmp_path_factory, 60, 30)
     return proc, half, model, prompts, records, base
 
 

@@ -6,35 +6,26 @@ import math
 
 import pytest
 import torch
-from helpers import build_tiny, collate, mixed_records, write_media
+from helpers import (
+    MEMORISED_ANSWERS,
+    build_tiny,
+    collate,
+    mixed_records,
+    train_to_memorise,
+    write_media,
+)
 
 from mmfuse.generation import GenerationConfig, generate, next_token
-from mmfuse.loss import next_token_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-ANSWERS = ["yes", "a red circle", "middle", "two shapes and one beep"]
+ANSWERS = MEMORISED_ANSWERS
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """The tiny model trained 60 steps to memorise four answers of different lengths."""
-    base = tmp_path_factory.mktemp("media")
-    write_media(base)
-    records = mixed_records()
-    for rec, answer in zip(records, ANSWERS, strict=True):
-        rec["messages"][1]["content"][0]["text"] = answer
-    proc, model, _ = build_tiny(tmp_path_factory.mktemp("out"), seed=0)
-    batch = collate(proc, records, base)
-    torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        optimizer.zero_grad()
-        loss, _ = next_token_loss(*model(batch))
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    prompts = collate(proc, records, base, side="left", for_generation=True)
+    proc, model, _, prompts, records, base = train_to_memorise(tmp_path_factory)
     return proc, model, prompts, records, base
 
 
