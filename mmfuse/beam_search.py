@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from mmfuse.generation import GenerationConfig
+from mmfuse.generation import GenerationConfig, append_position, decoder_step
 from mmfuse.model import MMFuseModel
 from mmfuse.types import Batch
 
@@ -77,15 +77,8 @@ def beam_search_embeds(
     row_offset = torch.arange(rows, device=device)[:, None] * k  # (B, 1)
     step_embeds, step_positions, cache = embeds, positions, None
     for step in range(config.max_new_tokens):
-        result = decoder(
-            inputs_embeds=step_embeds,
-            attention_mask=mask,
-            position_ids=step_positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logprobs = result.logits[:, -1].float().log_softmax(dim=-1)  # (B*k, V)
+        logits, cache = decoder_step(decoder, step_embeds, mask, step_positions, cache)
+        logprobs = logits.log_softmax(dim=-1)  # (B*k, V)
         vocab = logprobs.shape[-1]
         total = logprobs.view(rows, k, vocab) + scores[:, :, None]  # (B, k, V)
         top_scores, top = total.view(rows, k * vocab).topk(2 * k, dim=1)  # (B, 2k), sorted
@@ -125,12 +118,9 @@ def beam_search_embeds(
             break
 
         # next step: the kept beams' caches, their new tokens, one position and mask column more
-        cache = result.past_key_values
         cache.reorder_cache((parent + row_offset).view(-1))  # (B*k,) flat parent rows
         step_embeds = embed(new_token.view(-1))[:, None]  # (B*k, 1, H)
-        step_positions = positions[:, -1:] + 1  # (B*k, 1)
-        positions = torch.cat([positions, step_positions], dim=1)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        mask, positions, step_positions = append_position(mask, positions)
 
     out = []
     for hypotheses in finished:

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import Cache, PreTrainedModel
 
 from mmfuse.model import MMFuseModel
 from mmfuse.types import Batch
@@ -69,6 +70,38 @@ def _pick(
     return torch.cat([next_token(logits[r : r + 1], c, g) for r, (c, g) in enumerate(pairs)])
 
 
+def decoder_step(
+    decoder: PreTrainedModel,
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    cache: Cache | None,
+    use_cache: bool = True,
+) -> tuple[torch.Tensor, Cache | None]:
+    """One decoder call on new input embeddings (B, t, H) -> last-position logits (B, V) in
+    fp32 and the updated KV cache."""
+    result = decoder(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=use_cache,
+        logits_to_keep=1,
+    )
+    return result.logits[:, -1].float(), result.past_key_values
+
+
+def append_position(
+    mask: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Makes room for one more token per row: mask (B, L+1), positions (B, L+1) and the new
+    token's position (B, 1)."""
+    new_position = positions[:, -1:] + 1  # (B, 1)
+    positions = torch.cat([positions, new_position], dim=1)
+    mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    return mask, positions, new_position
+
+
 @torch.no_grad()
 def generate(
     model: MMFuseModel,
@@ -121,15 +154,9 @@ def generate(
     out: list[list[int]] = [[] for _ in range(rows)]
     step_embeds, step_positions, cache = embeds, positions, None
     for step in range(int(limits.max())):
-        result = model.decoder(
-            inputs_embeds=step_embeds,
-            attention_mask=mask,
-            position_ids=step_positions,
-            past_key_values=cache,
-            use_cache=use_cache,
-            logits_to_keep=1,
+        logits, step_cache = decoder_step(  # (B, V)
+            model.decoder, step_embeds, mask, step_positions, cache, use_cache
         )
-        logits = result.logits[:, -1].float()  # (B, V)
         if shared:
             token = next_token(logits, configs[0], generators[0])  # (B,)
         else:
@@ -146,11 +173,9 @@ def generate(
         if bool(finished.all()):
             break
         new = embed(token)[:, None]  # (B, 1, H)
-        new_position = positions[:, -1:] + 1  # (B, 1)
-        positions = torch.cat([positions, new_position], dim=1)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        mask, positions, new_position = append_position(mask, positions)
         if use_cache:
-            cache = result.past_key_values
+            cache = step_cache
             step_embeds, step_positions = new, new_position
         else:
             embeds = torch.cat([embeds, new], dim=1)
