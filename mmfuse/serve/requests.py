@@ -56,11 +56,11 @@ def parse_request(
         raise APIError(400, "'model' is required", "model")
     messages = _messages(body.get("messages"), media, limits)
     n = _integer(body, "n", 1, 1, limits.max_n)
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is None:
-        max_tokens = min(default_max_tokens, limits.max_tokens)
-    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    max_tokens = _integer({name: max_tokens}, name, max_tokens, 1, limits.max_tokens)
+    # the current OpenAI name wins over the older one
+    new_name = body.get("max_completion_tokens") is not None
+    name = "max_completion_tokens" if new_name else "max_tokens"
+    default_tokens = min(default_max_tokens, limits.max_tokens)
+    max_tokens = _integer(body, name, default_tokens, 1, limits.max_tokens)
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     top_k = _integer(body, "top_k", 0, 0, 1_000_000)
