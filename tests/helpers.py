@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -238,3 +239,14 @@ def train_to_memorise(
     model.eval()
     prompts = collate(proc, records, base, side="left", for_generation=True)
     return proc, model, snapshot, prompts, records, base
+
+
+def world_media(world: Path) -> tuple[Path, Path]:
+    """The image and audio files of the first both/* test record of a generated world."""
+    record = next(
+        json.loads(line)
+        for line in (world / "test.jsonl").read_text().splitlines()
+        if json.loads(line)["task"].startswith("both/")
+    )
+    parts = record["messages"][0]["content"]
+    return world / parts[0]["path"], world / parts[1]["path"]

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import world_media
 from hydra import compose, initialize_config_dir
 
 from data_modules.conversation import ConversationDataset
@@ -18,13 +19,8 @@ from mmfuse.model_dir import load_model_dir
 
 
 def _media(world: Path) -> tuple[str, str]:
-    record = next(
-        json.loads(x)
-        for x in (world / "test.jsonl").read_text().splitlines()
-        if json.loads(x)["task"].startswith("both/")
-    )
-    parts = record["messages"][0]["content"]
-    return str(world / parts[0]["path"]), str(world / parts[1]["path"])
+    image, audio = world_media(world)
+    return str(image), str(audio)
 
 
 def test_one_shot_equals_session_and_streams(trained_run: Path, world_dir: Path) -> None:

@@ -17,6 +17,7 @@ import openai
 import pytest
 import soundfile as sf
 import uvicorn
+from helpers import world_media
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -27,16 +28,6 @@ from mmfuse.serve.cli import build_server
 KEY = "sk-test-key"
 NAME = "tiny"
 BODY_LIMIT = 400_000
-
-
-def _world_media(world: Path) -> tuple[Path, Path]:
-    record = next(
-        json.loads(x)
-        for x in (world / "test.jsonl").read_text().splitlines()
-        if json.loads(x)["task"].startswith("both/")
-    )
-    parts = record["messages"][0]["content"]
-    return world / parts[0]["path"], world / parts[1]["path"]
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +110,7 @@ def _chat_cli(run: Path, prompt: str, image=None, audio=None, **generation) -> s
     ],
 )
 def test_turn_equals_chat_cli(client, trained_run, world_dir, prompt, use_image, use_audio):
-    image, audio = _world_media(world_dir)
+    image, audio = world_media(world_dir)
     image, audio = (image if use_image else None), (audio if use_audio else None)
     response = client.chat.completions.create(
         model=NAME,
@@ -137,7 +128,7 @@ def test_turn_equals_chat_cli(client, trained_run, world_dir, prompt, use_image,
 
 
 def test_seeded_sampling_and_n_equal_chat_cli(client, trained_run, world_dir):
-    image, _ = _world_media(world_dir)
+    image, _ = world_media(world_dir)
     response = client.chat.completions.create(
         model=NAME,
         messages=[{"role": "user", "content": _content("Describe the image.", image)}],
@@ -162,7 +153,7 @@ def test_seeded_sampling_and_n_equal_chat_cli(client, trained_run, world_dir):
 
 
 def test_streaming_gives_the_same_text(client, world_dir):
-    image, audio = _world_media(world_dir)
+    image, audio = world_media(world_dir)
     messages = [{"role": "user", "content": _content("Describe the image.", image, audio)}]
     whole = client.chat.completions.create(
         model=NAME, messages=messages, temperature=0, max_tokens=16
@@ -203,7 +194,7 @@ def test_stop_string_cuts_the_answer(client):
 
 def test_concurrent_requests_are_batched_and_unchanged(client, server, world_dir):
     _, batcher = server
-    image, audio = _world_media(world_dir)
+    image, audio = world_media(world_dir)
     prompts = ["Describe the image.", "How many shapes are there?", "Describe the sound."] * 3
 
     def ask(prompt: str) -> str:
@@ -224,7 +215,7 @@ def test_concurrent_requests_are_batched_and_unchanged(client, server, world_dir
 def test_models_health_and_local_path(client, server, world_dir):
     assert [m.id for m in client.models.list().data] == [NAME]
     assert httpx.get(f"{server[0]}/health").json() == {"status": "ok"}
-    image, _ = _world_media(world_dir)
+    image, _ = world_media(world_dir)
     relative = image.relative_to(world_dir).as_posix()
     by_path = client.chat.completions.create(
         model=NAME,
