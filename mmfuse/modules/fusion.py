@@ -1,4 +1,11 @@
-"""Fusion: modality tokens -> one fused memory."""
+"""Fusion: modality tokens -> one fused memory.
+
+``CrossAttentionFusion`` lives here with the pieces every fusion shares (the modality check,
+type embeddings, the null token, the split of media and prompt); the other fusions are in
+``fusion_perceiver.py``, ``fusion_qformer.py`` and ``fusion_concat.py``. Every fusion is built
+as ``fusion(modalities=[...], d_model=..., ...)`` and maps ``{modality: ModalityTokens}`` to
+``Memory``; the ``"text"`` modality, when present, is the encoded prompt, not media.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,68 @@ import torch
 from torch import nn
 
 from mmfuse.modules.attention import Attention, FeedForward
-from mmfuse.types import Memory, ModalityTokens
+from mmfuse.types import MODALITIES, Memory, ModalityTokens
+
+PROMPT = "text"
+"""The modality name of the encoded prompt (``model.text``); every other modality is media."""
+
+
+def media_order(modalities: Sequence[str]) -> tuple[str, ...]:
+    """The media modalities (all but the prompt) in a fixed order: that of ``MODALITIES``
+    (image, audio), then any others in the order given."""
+    known = [m for m in MODALITIES if m in modalities]
+    return (*known, *(m for m in modalities if m not in MODALITIES and m != PROMPT))
+
+
+def check_modalities(tokens: Mapping[str, ModalityTokens], expected: Sequence[str]) -> int:
+    """Raises unless ``tokens`` holds exactly the ``expected`` modalities; returns the batch
+    size."""
+    if set(tokens) != set(expected):
+        raise ValueError(f"fusion expects {sorted(expected)}, got {sorted(tokens)}")
+    return next(iter(tokens.values())).feats.shape[0]
+
+
+def type_embeddings(modalities: Sequence[str], d_model: int) -> nn.ParameterDict:
+    """One learned (D,) vector per modality, added to all of its tokens."""
+    return nn.ParameterDict({m: nn.Parameter(torch.randn(d_model) * 0.02) for m in modalities})
+
+
+def null_token(d_model: int) -> nn.Parameter:
+    """A learned (1, D) token that is always attendable: a record without any media still
+    has one valid position, so no softmax runs over an all-masked row."""
+    return nn.Parameter(torch.randn(1, d_model) * 0.02)
+
+
+def null_entry(token: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The null token for a batch: feats (B, 1, D) and an all-True mask (B, 1)."""
+    return token.expand(batch, -1, -1), torch.ones(batch, 1, dtype=torch.bool, device=token.device)
+
+
+def typed_context(
+    tokens: Mapping[str, ModalityTokens],
+    modalities: Sequence[str],
+    type_embed: nn.ParameterDict,
+    null: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Adds each modality's type embedding and splits media from prompt.
+
+    Returns:
+        ctx (B, 1+N, D) and mask (B, 1+N): the null token, then the media tokens of
+        ``modalities`` in the order given; prompt (B, P, D) and prompt_mask (B, P), or None
+        and None without a ``"text"`` modality.
+    """
+    batch = next(iter(tokens.values())).feats.shape[0]
+    null_feats, null_mask = null_entry(null, batch)
+    feats, masks = [null_feats], [null_mask]
+    prompt = prompt_mask = None
+    for name in modalities:
+        typed = tokens[name].feats + type_embed[name]
+        if name == PROMPT:
+            prompt, prompt_mask = typed, tokens[name].mask
+        else:
+            feats.append(typed)
+            masks.append(tokens[name].mask)
+    return torch.cat(feats, dim=1), torch.cat(masks, dim=1), prompt, prompt_mask
 
 
 class FusionBlock(nn.Module):
@@ -39,13 +107,21 @@ class FusionBlock(nn.Module):
     ) -> torch.Tensor:
         """q (B, M, D), media ctx (B, N, D) + mask (B, N), prompt (B, P, D) + mask (B, P)
         -> (B, M, D)."""
+        return self.attend_media(self.attend_self(q, prompt, prompt_mask), ctx, mask)
+
+    def attend_self(
+        self, q: torch.Tensor, prompt: torch.Tensor | None, prompt_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Queries (B, M, D) attend to themselves and to the prompt tokens (read only)."""
         h = self.norm_self(q)
         if prompt is None:
-            q = q + self.self_attn(h)
-        else:  # queries attend to themselves and to the prompt tokens
-            both = torch.cat([h, self.norm_self(prompt)], dim=1)  # (B, M+P, D)
-            keep = torch.cat([torch.ones_like(h[..., 0], dtype=torch.bool), prompt_mask], dim=1)
-            q = q + self.self_attn(h, both, keep)
+            return q + self.self_attn(h)
+        both = torch.cat([h, self.norm_self(prompt)], dim=1)  # (B, M+P, D)
+        keep = torch.cat([torch.ones_like(h[..., 0], dtype=torch.bool), prompt_mask], dim=1)
+        return q + self.self_attn(h, both, keep)
+
+    def attend_media(self, q: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Queries (B, M, D) cross-attend to the media ctx (B, N, D) + mask, then the MLP."""
         q = q + self.cross(self.norm_q(q), self.norm_ctx(ctx), mask)
         return q + self.mlp(self.norm_mlp(q))
 
@@ -81,10 +157,8 @@ class CrossAttentionFusion(nn.Module):
         super().__init__()
         self.modalities = tuple(modalities)
         self.queries = nn.Parameter(torch.randn(num_queries, d_model) * 0.02)
-        self.type_embed = nn.ParameterDict(
-            {m: nn.Parameter(torch.randn(d_model) * 0.02) for m in self.modalities}
-        )
-        self.null_token = nn.Parameter(torch.randn(1, d_model) * 0.02)
+        self.type_embed = type_embeddings(self.modalities, d_model)
+        self.null_token = null_token(d_model)
         self.blocks = nn.ModuleList(
             FusionBlock(d_model, num_heads, mlp_ratio, dropout) for _ in range(num_layers)
         )
@@ -92,20 +166,10 @@ class CrossAttentionFusion(nn.Module):
 
     def forward(self, tokens: Mapping[str, ModalityTokens]) -> Memory:
         """tokens: {modality: (B, N_m, D) + mask} -> Memory (B, M, D), mask (B, M)."""
-        if set(tokens) != set(self.modalities):
-            raise ValueError(f"fusion expects {sorted(self.modalities)}, got {sorted(tokens)}")
-        batch = next(iter(tokens.values())).feats.shape[0]
-        feats = [self.null_token.expand(batch, -1, -1)]
-        masks = [torch.ones(batch, 1, dtype=torch.bool, device=self.queries.device)]
-        prompt = prompt_mask = None
-        for name in self.modalities:
-            typed = tokens[name].feats + self.type_embed[name]
-            if name == "text":
-                prompt, prompt_mask = typed, tokens[name].mask
-            else:
-                feats.append(typed)
-                masks.append(tokens[name].mask)
-        ctx, mask = torch.cat(feats, dim=1), torch.cat(masks, dim=1)  # (B, N, D), (B, N)
+        batch = check_modalities(tokens, self.modalities)
+        ctx, mask, prompt, prompt_mask = typed_context(
+            tokens, self.modalities, self.type_embed, self.null_token
+        )  # (B, N, D), (B, N)
         q = self.queries.expand(batch, -1, -1)  # (B, M, D)
         for block in self.blocks:
             q = block(q, ctx, mask, prompt, prompt_mask)
