@@ -27,6 +27,8 @@ class Sample:
         image: (3, H, W) normalised pixels, or None.
         audio: (S,) mono waveform at the encoder's sampling rate, or None.
         reference: the last assistant answer when processed for generation.
+        all_references: every acceptable answer when processed for generation: the record's
+            optional top-level ``"references"`` list, else ``[reference]``.
     """
 
     id: str
@@ -37,6 +39,7 @@ class Sample:
     image: torch.Tensor | None = None
     audio: torch.Tensor | None = None
     reference: str | None = None
+    all_references: list[str] | None = None
 
 
 @dataclass
@@ -54,7 +57,9 @@ class Batch:
         audio_values: (B, S) waveforms, zero-padded; zeros where a record has no audio.
         audio_lengths: (B,) valid samples per waveform (0 without audio).
         has_audio: (B,) bool.
-        ids, tasks, references: per-record metadata.
+        ids, tasks, references: per-record metadata (``references``: the last assistant
+            answers).
+        all_references: per record, every acceptable answer (``Sample.all_references``).
     """
 
     input_ids: torch.Tensor
@@ -70,6 +75,7 @@ class Batch:
     ids: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
     references: list[str | None] = field(default_factory=list)
+    all_references: list[list[str] | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

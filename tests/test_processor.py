@@ -19,6 +19,7 @@ from helpers import (
 )
 
 from mmfuse.processing.audio import AudioProcessor
+from mmfuse.processing.collate import Collator
 from mmfuse.processing.errors import RecordError
 from mmfuse.processing.image import ImageProcessor
 from mmfuse.processing.processor import Processor
@@ -222,6 +223,20 @@ def test_for_generation_keeps_last_answer_as_reference(base):
     # training on the same record supervises both answers
     train = processor()(rec, base)
     assert supervised_text(tokenizer(), train.labels.tolist()) == "red<|im_end|>circle<|im_end|>"
+
+
+def test_references_go_into_sample_and_batch(base):
+    with_list = {**record("v1", "Color?", "red", image="a.png"), "references": ["red", "dark red"]}
+    plain = record("v2", "Color?", "blue", image="b.png")
+    samples = [processor()(r, base, for_generation=True) for r in (with_list, plain)]
+    assert [s.all_references for s in samples] == [["red", "dark red"], ["blue"]]
+    assert processor()(plain, base).all_references is None  # training: no references
+    batch = Collator(tokenizer().pad_token_id, "left")(samples)
+    assert batch.references == ["red", "blue"]
+    assert batch.all_references == [["red", "dark red"], ["blue"]]
+    for bad in ([], "red", ["red", 3]):
+        with pytest.raises(RecordError, match="'references' must be a non-empty list"):
+            processor()({**plain, "references": bad}, base, for_generation=True)
 
 
 def test_drop_modalities_removes_parts_and_placeholders(base):

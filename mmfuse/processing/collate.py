@@ -61,6 +61,7 @@ class Collator:
             ids=[s.id for s in samples],
             tasks=[s.task for s in samples],
             references=[s.reference for s in samples],
+            all_references=[s.all_references for s in samples],
         )
 
     def _images(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:

@@ -57,8 +57,9 @@ class Processor:
             record: a conversation record.
             base_dir: directory the record's media paths are relative to.
             source: file the record came from, for error messages.
-            for_generation: drop the last assistant turn, keep it as ``reference`` and end
-                the prompt with the assistant header.
+            for_generation: drop the last assistant turn, keep it as ``reference`` (and, with
+                the record's optional ``"references"`` list, every acceptable answer as
+                ``all_references``) and end the prompt with the assistant header.
             drop_modalities: media kinds to remove from the record (a blind evaluation).
 
         Raises:
@@ -117,15 +118,18 @@ class Processor:
         media: dict[str, torch.Tensor],
         for_generation: bool,
     ) -> Sample:
-        reference = None
+        reference, references = None, None
         if for_generation:
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             reference = message_text(messages[last])
+            references = record_references(record, reference)
             messages = messages[:last]
         input_ids, labels = encode_conversation(self.tokenizer, messages, for_generation)
         if not for_generation and all(label == IGNORE_INDEX for label in labels):
             raise ValueError("no supervised token: the assistant turns render to nothing")
-        return self._to_sample(record, record_id, messages, media, input_ids, labels, reference)
+        sample = self._to_sample(record, record_id, messages, media, input_ids, labels, reference)
+        sample.all_references = references
+        return sample
 
     def _to_sample(
         self,
@@ -173,6 +177,16 @@ def _validated_messages(record: dict, require_assistant: bool = True) -> list[di
     if require_assistant and not any(m["role"] == "assistant" for m in normalised):
         raise ValueError("no assistant turn: nothing to supervise or to use as reference")
     return normalised
+
+
+def record_references(record: dict, reference: str) -> list[str]:
+    """The record's optional ``"references"`` (all acceptable answers), else ``[reference]``."""
+    given = record.get("references")
+    if given is None:
+        return [reference]
+    if not isinstance(given, list) or not given or not all(isinstance(r, str) for r in given):
+        raise ValueError("'references' must be a non-empty list of strings")
+    return list(given)
 
 
 def _without_media(message: dict, drop: Sequence[str]) -> dict:
