@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mmfuse.freezing import frozen_units, has_trainable
 from mmfuse.modules.encoders import AudioEncoder, TextEncoder, VisionEncoder
 from mmfuse.processing.text import IGNORE_INDEX
 from mmfuse.types import Batch, Memory, ModalityTokens
@@ -71,15 +72,29 @@ class MMFuseModel(nn.Module):
         self.decoder = decoder(tokenizer=tokenizer)
         self.conditioning = conditioning(lm_hidden=self.decoder.config.hidden_size)
 
+    def train(self, mode: bool = True) -> MMFuseModel:
+        """Sets the training mode; frozen parts (``freezing.frozen_units``) stay in eval mode,
+        so the ``train()`` calls of a training loop do not turn their dropout back on."""
+        super().train(mode)
+        if mode:
+            for unit in frozen_units(self):
+                unit.eval()
+        return self
+
     def encode(self, batch: Batch) -> Memory:
-        """Runs every encoder and the fusion: Batch -> Memory (B, M, D)."""
+        """Runs every encoder and the fusion: Batch -> Memory (B, M, D).
+
+        An encoder without trainable parameters runs under ``torch.no_grad``.
+        """
+        inputs = {
+            "image": (batch.pixel_values, batch.has_image),
+            "audio": (batch.audio_values, batch.audio_lengths),
+            "text": (batch.prompt_ids, batch.prompt_mask),
+        }
         tokens: dict[str, ModalityTokens] = {}
-        if "image" in self.encoders:
-            tokens["image"] = self.encoders["image"](batch.pixel_values, batch.has_image)
-        if "audio" in self.encoders:
-            tokens["audio"] = self.encoders["audio"](batch.audio_values, batch.audio_lengths)
-        if "text" in self.encoders:
-            tokens["text"] = self.encoders["text"](batch.prompt_ids, batch.prompt_mask)
+        for name, encoder in self.encoders.items():
+            with torch.set_grad_enabled(torch.is_grad_enabled() and has_trainable(encoder)):
+                tokens[name] = encoder(*inputs[name])
         return self.fusion(tokens)
 
     def prepare_inputs(self, batch: Batch) -> DecoderInputs:

@@ -2,28 +2,36 @@
 
 Layout: ``model.safetensors`` (weights), ``tokenizer/``, ``config.yaml`` (the resolved model
 and processor configs) and, for parts that were loaded from a pretrained directory, that
-part's architecture config in ``<part>_config/`` so the directory stands on its own.
+part's architecture config in ``<part>_config/`` (with a Whisper encoder's feature-extractor
+settings) so the directory stands on its own. A timm directory's architecture goes into the
+vision config's timm arguments.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_model, save_model
+from transformers import PreTrainedModel
 
 from mmfuse.model import MMFuseModel
+from mmfuse.pretrained import resolve_processor_config
 from mmfuse.processing.processor import Processor
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.yaml", "tokenizer"
 _AUTO_CONFIG = "transformers.AutoConfig.from_pretrained"
 _HF_PARTS = {
     "decoder": "decoder",
+    "vision": "encoders.image.backbone",
     "audio": "encoders.audio.backbone",
     "text": "encoders.text.backbone",
 }
+# timm arguments VisionEncoder sets itself
+_TIMM_OWN_ARGS = {"num_classes", "global_pool", "pretrained_model_args"}
 
 
 def save_model_dir(model: MMFuseModel, cfg: DictConfig, out_dir: str | Path) -> Path:
@@ -36,6 +44,7 @@ def save_model_dir(model: MMFuseModel, cfg: DictConfig, out_dir: str | Path) -> 
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    cfg = resolve_processor_config(cfg)  # the preprocessing the processor was built with
     model.tokenizer.save_pretrained(str(out / TOKENIZER))
     save_model(model, str(out / WEIGHTS))
     saved = OmegaConf.create(
@@ -56,22 +65,35 @@ def save_model_dir(model: MMFuseModel, cfg: DictConfig, out_dir: str | Path) -> 
         if node is None or not (node.get("pretrained") or _config_from_directory(node)):
             continue
         part = model.get_submodule(attribute)
+        if not isinstance(part, PreTrainedModel):  # a timm backbone: see below
+            continue
         part.config.save_pretrained(str(out / f"{key}_config"))
         node.pretrained = None
-        if key != "audio":
+        if key in ("decoder", "text"):
             node.vocab_size = part.get_input_embeddings().num_embeddings
         node.config = {
             "_target_": _AUTO_CONFIG,
             "pretrained_model_name_or_path": "${model_dir}/" + f"{key}_config",
         }
-    if saved.model.get("vision") is not None:
-        saved.model.vision.pretrained = None  # the architecture is in the timm arguments
+        encoder = model.get_submodule(attribute.rpartition(".")[0])
+        extractor = getattr(encoder, "feature_extractor", None)
+        if key == "audio" and extractor is not None:
+            extractor.save_pretrained(str(out / f"{key}_config"))
+            node.feature_extractor = "${model_dir}/" + f"{key}_config"
+    vision = saved.model.get("vision")
+    if vision is not None and vision.get("pretrained"):
+        _timm_architecture(vision)
     OmegaConf.save(saved, out / CONFIG)
     return out
 
 
 def build_processor_and_model(cfg: DictConfig) -> tuple[Processor, MMFuseModel]:
-    """Instantiates the processor, then the model with the processor's tokenizer."""
+    """Instantiates the processor, then the model with the processor's tokenizer.
+
+    The processor follows the pretrained parts (``pretrained.resolve_processor_config``):
+    their image and audio settings, and a pretrained decoder's tokenizer and chat template.
+    """
+    cfg = resolve_processor_config(cfg)
     processor = instantiate(cfg.processor, _convert_="all")
     model = instantiate(cfg.model, tokenizer=processor.tokenizer, _convert_="all")
     check_compatible(model, processor)
@@ -82,7 +104,7 @@ def check_compatible(model: MMFuseModel, processor: Processor) -> None:
     """Fails with the config key to fix when processor and encoders disagree."""
     vision = model.encoders["image"] if "image" in model.encoders else None
     if vision is not None:
-        size = vision.backbone.patch_embed.img_size
+        size = getattr(vision, "image_size", None) or vision.backbone.patch_embed.img_size
         expected = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         if expected != (processor.image.size, processor.image.size):
             raise ValueError(
@@ -126,6 +148,21 @@ def load_weights(model: MMFuseModel, path: str | Path) -> None:
         raise ValueError(f"{weights}: the weights do not fit the model: {err}") from err
     if missing or unexpected:
         raise ValueError(f"{weights}: missing {missing}, unexpected {unexpected}")
+
+
+def _timm_architecture(node: DictConfig) -> None:
+    """Replaces a timm vision config's ``pretrained`` by the architecture it names: a timm
+    directory's architecture and arguments (those the config does not set itself); a weights
+    file's architecture is already in the timm arguments."""
+    path = Path(node.pretrained)
+    node.pretrained = None
+    if not path.is_dir():
+        return
+    saved = json.loads((path / "config.json").read_text())
+    node.model_name = saved["architecture"]
+    for key, value in (saved.get("model_args") or {}).items():
+        if key not in _TIMM_OWN_ARGS and key not in node:
+            node[key] = value
 
 
 def _config_from_directory(node: DictConfig) -> bool:

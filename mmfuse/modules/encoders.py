@@ -81,7 +81,11 @@ class VisionEncoder(nn.Module):
     Args:
         d_model: fusion width the tokens are projected to.
         model_name: timm architecture name; keyword arguments override its sizes.
-        pretrained: path of a local weights file (safetensors or a state dict) or None.
+        pretrained: path of a local weights file (safetensors or a state dict) for
+            ``model_name``, or a timm model directory (``config.json`` with the architecture,
+            its arguments and ``pretrained_cfg``, and the weights, as
+            ``timm.models.save_for_hf`` writes it), whose architecture replaces
+            ``model_name`` (keyword arguments still override it, timm's rule); or None.
         conv_stem: channels of stride-2 convolutions that replace the linear patch
             embedding (a hybrid ViT; ``patch_size`` then counts feature-map cells, usually 1).
             Early convolutions make a small ViT learn from scratch much faster.
@@ -105,6 +109,8 @@ class VisionEncoder(nn.Module):
             stem = ConvStem(vit_kwargs.get("in_chans", 3), conv_stem)
             vit_kwargs["embed_layer"] = partial(timm.layers.HybridEmbed, backbone=stem)
         overlay = {"file": str(Path(pretrained))} if pretrained else None
+        if pretrained and Path(pretrained).is_dir():
+            model_name, overlay = f"local-dir:{Path(pretrained).resolve()}", None
         self.backbone = timm.create_model(
             model_name,
             pretrained=bool(pretrained),
@@ -127,7 +133,8 @@ class VisionEncoder(nn.Module):
 
 
 class AudioEncoder(nn.Module):
-    """A transformers ``Wav2Vec2Model`` (or any model with its interface) on raw waveforms.
+    """A transformers ``Wav2Vec2Model`` (or any model with its interface: ``HubertModel``,
+    ``WavLMModel``...) on raw waveforms.
 
     Args:
         d_model: fusion width the frames are projected to.
@@ -140,7 +147,9 @@ class AudioEncoder(nn.Module):
     ) -> None:
         super().__init__()
         if pretrained:
-            self.backbone = AutoModel.from_pretrained(str(pretrained))
+            # no LayerDrop: a skipped layer gets no gradient (DDP without unused-parameter
+            # search); pretrained wav2vec2/HuBERT configs often enable it
+            self.backbone = AutoModel.from_pretrained(str(pretrained), layerdrop=0.0)
         elif config is not None:
             self.backbone = AutoModel.from_config(config)
         else:
