@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from data_modules.sampler import ResumableDataLoader, ResumableSampler
 from mmfuse.processing.collate import Collator
 from mmfuse.processing.processor import Processor
 from mmfuse.types import Sample
@@ -84,6 +85,9 @@ class ConversationDataModule(LightningDataModule):
         num_workers: loader worker processes.
         val_generate: add a second validation loader that generates answers.
         prepare: called once before set-up (e.g. to generate the built-in world).
+        seed: seed of the training order (a new permutation each epoch, the same on every
+            rank; each rank takes its share, see ``data_modules.sampler``).
+        shuffle: shuffle the training set (otherwise file order).
     """
 
     def __init__(
@@ -96,6 +100,8 @@ class ConversationDataModule(LightningDataModule):
         num_workers: int = 0,
         val_generate: bool = True,
         prepare: Callable[[], object] | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
     ) -> None:
         super().__init__()
         self.processor = processor
@@ -104,6 +110,7 @@ class ConversationDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.val_generate = val_generate
         self.prepare = prepare
+        self.seed, self.shuffle = seed, shuffle
         pad_id = processor.tokenizer.pad_token_id
         size = processor.image.size
         self.train_collator = Collator(pad_id, "right", size)
@@ -132,8 +139,26 @@ class ConversationDataModule(LightningDataModule):
             worker_init_fn=_single_thread_worker,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, self.train_collator, shuffle=True)
+    def train_dataloader(self) -> ResumableDataLoader:
+        """The training loader: resumable mid-epoch, sharded over ranks (Lightning keeps it)."""
+        trainer = self.trainer
+        shard = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
+        sampler = ResumableSampler(
+            self.train_set,
+            num_replicas=shard.get("num_replicas", 1),
+            rank=shard.get("rank", 0),
+            shuffle=self.shuffle,
+            seed=self.seed,
+        )
+        return ResumableDataLoader(
+            self.train_set,
+            sampler,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self.train_collator,
+            worker_init_fn=_single_thread_worker,
+        )
 
     def val_dataloader(self) -> list[DataLoader]:
         if not self.val_path:

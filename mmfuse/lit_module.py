@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 
+from mmfuse.freezing import check_trainable, format_table
 from mmfuse.generation import GenerationConfig, generate
-from mmfuse.loss import next_token_loss
+from mmfuse.loss import global_token_mean, next_token_loss
 from mmfuse.metrics.exact_match import ExactMatchByTask
 from mmfuse.model import MMFuseModel
 from mmfuse.optim import param_groups
@@ -31,6 +33,8 @@ class MMFuseLitModule(LightningModule):
         lr_scale: ``{parameter-name prefix: multiplier of the optimiser's lr}``, e.g.
             ``{"encoders.image": 3.0}``; the optimiser partial must set ``lr``.
         generation: decoding settings for validation generation.
+        frozen: the components configured frozen (``freezing.apply_freezing``); checked at
+            fit start with the others, which must each have a trainable parameter.
     """
 
     def __init__(
@@ -41,6 +45,7 @@ class MMFuseLitModule(LightningModule):
         weight_decay: float = 0.01,
         lr_scale: dict[str, float] | None = None,
         generation: GenerationConfig | None = None,
+        frozen: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "generation"])
@@ -51,6 +56,20 @@ class MMFuseLitModule(LightningModule):
         self.lr_scale = dict(lr_scale or {})
         self.generation = generation or GenerationConfig()
         self._val_scores = ExactMatchByTask()
+        self.frozen = list(frozen)
+
+    def on_fit_start(self) -> None:
+        """Checks what trains (see ``freezing.check_trainable``), then prints the parameter
+        table and logs it as hyper-parameters ``parameters/<component>/{total,trainable}``."""
+        rows = check_trainable(self.model, self.frozen)
+        rank_zero_info("parameters per component:\n" + format_table(rows))
+        counts = {
+            f"parameters/{row.component}/{kind}": getattr(row, kind)
+            for row in rows
+            for kind in ("total", "trainable")
+        }
+        for logger in self.loggers:
+            logger.log_hyperparams(counts)
 
     def transfer_batch_to_device(self, batch: Batch, device: torch.device, dataloader_idx: int):
         return batch.to(device)
@@ -58,7 +77,10 @@ class MMFuseLitModule(LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         logits, labels = self.model(batch)
         loss, count = next_token_loss(logits, labels, batch.ids)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        # with several ranks: the global batch's token mean (see global_token_mean)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        loss, mean = global_token_mean(loss, count, world, self._sum_over_ranks)
+        self.log("train/loss", mean, prog_bar=True, batch_size=len(batch))
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -11,16 +11,21 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mmfuse.config import CONFIG_DIR
+from mmfuse.freezing import apply_freezing
+from mmfuse.launch import multirun_ddp_job
 from mmfuse.lit_module import MMFuseLitModule
+from mmfuse.lora import apply_lora, merge_lora
 from mmfuse.model_dir import (
     build_processor_and_model,
     load_weights,
     read_model_dir_config,
     save_model_dir,
 )
+from mmfuse.scale import enable_gradient_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     processor, model = build_processor_and_model(cfg)
     if init_from:
         load_weights(model, init_from)
+    # freezing first: LoRA adapters in a component configured frozen fail the fit-start check
+    frozen = apply_freezing(model, _plain(cfg.get("freeze")))
+    apply_lora(model, _plain(cfg.get("lora")))
+    enable_gradient_checkpointing(model, **(_plain(cfg.get("gradient_checkpointing")) or {}))
     datamodule = instantiate(cfg.data, processor=processor, _convert_="all")
     module = MMFuseLitModule(
         model,
@@ -53,6 +62,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # plain floats: the checkpoint's hyper-parameters must load with weights_only=True
         lr_scale=OmegaConf.to_container(cfg.lr_scale) if cfg.get("lr_scale") else None,
         generation=instantiate(cfg.generation),
+        frozen=frozen,
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
@@ -62,11 +72,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    with multirun_ddp_job():  # DDP ranks of a multirun job: that job only, in its directory
+        try:
+            ckpt_path = cfg.get("ckpt_path")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except SIGTERMException:  # preempted: last.ckpt holds the end of the last step
+            log.warning("SIGTERM: stopped at step %d; resume: ckpt_path=last", trainer.global_step)
+            return {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
+        merge_lora(model)  # the model directory holds plain weights
         model_dir = save_model_dir(model, cfg, output_dir / "model")
         log.info("model saved to %s", model_dir)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def _plain(node: DictConfig | None) -> dict | None:
+    return OmegaConf.to_container(node, resolve=True) if node is not None else None
 
 
 def _with_model_dir_config(cfg: DictConfig, model_dir: str) -> DictConfig:

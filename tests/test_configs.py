@@ -17,7 +17,7 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 def test_every_trainer_option_composes(trainer: str, compose_train, tmp_path: Path) -> None:
     cfg = compose_train([f"trainer={trainer}", f"paths.output_dir={tmp_path}"])
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
-    expected = {"cpu": "cpu", "ddp_cpu": "cpu", "gpu": "gpu", "ddp": "gpu"}[trainer]
+    expected = "cpu" if trainer in ("cpu", "ddp_cpu") else "gpu"
     assert cfg.trainer.accelerator == expected
     if trainer.startswith("ddp"):
         assert cfg.trainer.strategy.find_unused_parameters is False
