@@ -1,8 +1,22 @@
-"""Conversation JSONL data sets and the LightningDataModule that serves them."""
+"""Conversation JSONL data sets and the LightningDataModule that serves them.
+
+Bad records (``on_bad_record``): ``error`` stops at the first one with a ``RecordError``
+naming the file, the record and the reason; ``skip`` hands out a ``SkippedRecord`` in its
+place, which the collator leaves out of the batch (a batch may come out smaller; no record is
+ever replaced by another), and ``data_modules.monitor.DataMonitor`` counts them by reason
+and stops when more than ``max_skip_fraction`` of an epoch is bad.
+
+The training order comes from ``data_modules.sampler`` (``sampler=random``, or
+``length_grouped``: batches of records of similar token count and audio duration), resumable
+mid-epoch and sharded over ranks. With ``cache_features`` the frozen encoders' features are
+computed once (``mmfuse.feature_cache``) and read instead of the media.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -10,10 +24,25 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from data_modules.sampler import ResumableDataLoader, ResumableSampler
+from data_modules.lengths import record_lengths
+from data_modules.monitor import DataMonitor
+from data_modules.sampler import (
+    LengthGroupedSampler,
+    ResumableDataLoader,
+    ResumableSampler,
+    SkippingDataLoader,
+)
+from data_modules.task_filter import select_tasks
+from mmfuse.feature_cache import build_store, cache_key, check_cacheable, check_not_augmented
 from mmfuse.processing.collate import Collator
+from mmfuse.processing.errors import REASONS, RecordError
 from mmfuse.processing.processor import Processor
-from mmfuse.types import Sample
+from mmfuse.types import Sample, SkippedRecord
+
+log = logging.getLogger(__name__)
+
+ON_BAD_RECORD = ("error", "skip")
+SAMPLERS = ("random", "length_grouped")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -40,11 +69,20 @@ def read_jsonl(path: str | Path) -> list[dict]:
 class ConversationDataset(Dataset):
     """Records of one conversation JSONL file, processed on access.
 
+    Picklable (DataLoader workers, also persistent ones, get a copy).
+
     Args:
         path: the JSONL file; media paths inside are relative to its directory.
         processor: record -> Sample.
         for_generation: keep the last assistant turn out of the input, as the reference.
         drop_modalities: media kinds to remove from every record.
+        tasks: keep only the records of these tasks (``data_modules.task_filter``).
+        on_bad_record: ``error`` (raise ``RecordError``) or ``skip`` (return a
+            ``SkippedRecord`` in the sample's place).
+        augment: apply the processor's training augmentation, seeded by (``seed``, the
+            epoch the sampler drew the index for, the index): the same in any worker, and
+            again after a resume.
+        seed: augmentation seed.
     """
 
     def __init__(
@@ -53,24 +91,58 @@ class ConversationDataset(Dataset):
         processor: Processor,
         for_generation: bool = False,
         drop_modalities: Sequence[str] = (),
+        tasks: Sequence[str] | None = None,
+        on_bad_record: str = "error",
+        augment: bool = False,
+        seed: int = 0,
     ) -> None:
+        if on_bad_record not in ON_BAD_RECORD:
+            raise ValueError(
+                f"data.on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}"
+            )
         self.path = Path(path)
         self.records = read_jsonl(self.path)
+        if tasks:
+            self.records = select_tasks(self.records, tasks, self.path)
         self.processor = processor
         self.for_generation = for_generation
         self.drop_modalities = tuple(drop_modalities)
+        self.on_bad_record = on_bad_record
+        self.augment = augment
+        self.seed = seed
+        self.features = None  # a mmfuse.feature_cache.FeatureStore, set by the data module
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> Sample:
-        return self.processor(
-            self.records[index],
-            base_dir=self.path.parent,
-            source=str(self.path),
-            for_generation=self.for_generation,
-            drop_modalities=self.drop_modalities,
-        )
+    def __getitem__(self, index: int) -> Sample | SkippedRecord:
+        position = int(index)
+        record = self.records[position]
+        augment_seed = None
+        if self.augment and self.processor.augments:
+            augment_seed = _augment_seed(self.seed, getattr(index, "epoch", 0), position)
+        try:
+            return self.processor(
+                record,
+                base_dir=self.path.parent,
+                source=str(self.path),
+                for_generation=self.for_generation,
+                drop_modalities=self.drop_modalities,
+                augment_seed=augment_seed,
+                features=self.features.get(position) if self.features is not None else None,
+            )
+        except RecordError as err:
+            if self.on_bad_record == "error":
+                raise
+            log.debug("skipped: %s", err)
+            return SkippedRecord(
+                str(record.get("id", "<no id>")), str(self.path), err.reason, str(err)
+            )
+
+
+def _augment_seed(seed: int, epoch: int, index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 class ConversationDataModule(LightningDataModule):
@@ -82,12 +154,24 @@ class ConversationDataModule(LightningDataModule):
         val_path: validation JSONL or None.
         batch_size: training batch size per process.
         eval_batch_size: validation batch size per process.
-        num_workers: loader worker processes.
+        num_workers: loader worker processes (persistent across epochs when > 0).
         val_generate: add a second validation loader that generates answers.
         prepare: called once before set-up (e.g. to generate the built-in world).
         seed: seed of the training order (a new permutation each epoch, the same on every
-            rank; each rank takes its share, see ``data_modules.sampler``).
+            rank; each rank takes its share, see ``data_modules.sampler``) and of the
+            training augmentation.
         shuffle: shuffle the training set (otherwise file order).
+        tasks: train and validate on the records of these tasks only (names or wildcards,
+            ``data_modules.task_filter``), e.g. ``[image/caption, audio/caption]``.
+        on_bad_record: ``error`` or ``skip`` (see the module docstring).
+        max_skip_fraction: with ``skip``, stop when more of an epoch's records are bad.
+        sampler: ``random`` or ``length_grouped``.
+        group_batches: with ``length_grouped``, global batches sorted together.
+        audio_bucket_seconds: with ``length_grouped``, audio durations are grouped in steps
+            of this many seconds before token counts (null: tokens only).
+        cache_features: compute the frozen encoders' features once and read them from
+            ``cache_dir`` (``mmfuse.feature_cache``).
+        cache_dir: root of the feature cache.
     """
 
     def __init__(
@@ -102,8 +186,25 @@ class ConversationDataModule(LightningDataModule):
         prepare: Callable[[], object] | None = None,
         seed: int = 0,
         shuffle: bool = True,
+        tasks: Sequence[str] | None = None,
+        on_bad_record: str = "error",
+        max_skip_fraction: float = 0.1,
+        sampler: str = "random",
+        group_batches: int = 50,
+        audio_bucket_seconds: float | None = 1.0,
+        cache_features: bool = False,
+        cache_dir: str = "data/feature_cache",
     ) -> None:
         super().__init__()
+        if on_bad_record not in ON_BAD_RECORD:
+            raise ValueError(
+                f"data.on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}"
+            )
+        if sampler not in SAMPLERS:
+            raise ValueError(f"data.sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if cache_features:
+            check_not_augmented(processor)
+        self.tasks = tasks
         self.processor = processor
         self.train_path, self.val_path = train_path, val_path
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -111,6 +212,15 @@ class ConversationDataModule(LightningDataModule):
         self.val_generate = val_generate
         self.prepare = prepare
         self.seed, self.shuffle = seed, shuffle
+        self.on_bad_record = on_bad_record
+        self.max_skip_fraction = max_skip_fraction
+        self.sampler = sampler
+        self.group_batches = group_batches
+        self.audio_bucket_seconds = audio_bucket_seconds
+        self.cache_features = cache_features
+        self.cache_dir = cache_dir
+        self._cache_keys: dict[str, str] = {}
+        self._train_sampler: ResumableSampler | None = None
         pad_id = processor.tokenizer.pad_token_id
         size = processor.image.size
         self.train_collator = Collator(pad_id, "right", size)
@@ -121,15 +231,57 @@ class ConversationDataModule(LightningDataModule):
             self.prepare()
 
     def setup(self, stage: str | None = None) -> None:
-        self.train_set = ConversationDataset(self.train_path, self.processor)
+        common = {"tasks": self.tasks, "on_bad_record": self.on_bad_record}
+        self.train_set = ConversationDataset(
+            self.train_path, self.processor, augment=True, seed=self.seed, **common
+        )
         if self.val_path:
-            self.val_set = ConversationDataset(self.val_path, self.processor)
+            self.val_set = ConversationDataset(self.val_path, self.processor, **common)
             self.val_generate_set = ConversationDataset(
-                self.val_path, self.processor, for_generation=True
+                self.val_path, self.processor, for_generation=True, **common
             )
+        trainer = self.trainer
+        if trainer is not None and not any(isinstance(c, DataMonitor) for c in trainer.callbacks):
+            monitor = DataMonitor(self.max_skip_fraction, self._epoch_records, REASONS)
+            trainer.callbacks.insert(0, monitor)  # before checkpointing: its state is current
+
+    def _epoch_records(self) -> int:
+        return self._train_sampler.num_samples if self._train_sampler is not None else 0
+
+    def _attach_features(self, *datasets: ConversationDataset) -> None:
+        """Points the data sets at the feature cache, filling what it lacks (needs the model:
+        called when the loaders are made, after the model is on its device)."""
+        if not self.cache_features:
+            return
+        model = self.trainer.lightning_module.model
+        kinds = check_cacheable(model, self.processor)
+        for kind in kinds:
+            if kind not in self._cache_keys:
+                loader = self.processor.image if kind == "image" else self.processor.audio
+                self._cache_keys[kind] = cache_key(model.encoders[kind], loader.settings())
+        trainer = self.trainer
+        stores: dict[str, object] = {}
+        for dataset in datasets:
+            if dataset.features is not None:
+                continue
+            if str(dataset.path) not in stores:  # the two validation sets share one
+                stores[str(dataset.path)] = build_store(
+                    dataset.records,
+                    dataset.path.parent,
+                    model,
+                    self.processor,
+                    self.cache_dir,
+                    rank=trainer.global_rank,
+                    ranks=trainer.world_size,
+                    barrier=trainer.strategy.barrier,
+                    batch_size=self.eval_batch_size,
+                    num_workers=self.num_workers,
+                    keys=self._cache_keys,
+                )
+            dataset.features = stores[str(dataset.path)]
 
     def _loader(self, dataset: Dataset, batch_size: int, collator: Collator, shuffle: bool):
-        return DataLoader(
+        return SkippingDataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
@@ -139,17 +291,34 @@ class ConversationDataModule(LightningDataModule):
             worker_init_fn=_single_thread_worker,
         )
 
+    def make_sampler(self, num_replicas: int = 1, rank: int = 0) -> ResumableSampler:
+        """The training sampler ``data.sampler`` names, for ``num_replicas`` ranks."""
+        common = {
+            "num_replicas": num_replicas,
+            "rank": rank,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+        }
+        if self.sampler == "length_grouped":
+            lengths = record_lengths(
+                self.train_set.records,
+                self.processor,
+                self.train_set.path.parent,
+                self.audio_bucket_seconds,
+            )
+            return LengthGroupedSampler(
+                self.train_set, lengths, self.batch_size, self.group_batches, **common
+            )
+        return ResumableSampler(self.train_set, **common)
+
     def train_dataloader(self) -> ResumableDataLoader:
         """The training loader: resumable mid-epoch, sharded over ranks (Lightning keeps it)."""
         trainer = self.trainer
         shard = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
-        sampler = ResumableSampler(
-            self.train_set,
-            num_replicas=shard.get("num_replicas", 1),
-            rank=shard.get("rank", 0),
-            shuffle=self.shuffle,
-            seed=self.seed,
-        )
+        if trainer is not None:
+            self._attach_features(self.train_set)
+        sampler = self.make_sampler(shard.get("num_replicas", 1), shard.get("rank", 0))
+        self._train_sampler = sampler
         return ResumableDataLoader(
             self.train_set,
             sampler,
@@ -163,6 +332,8 @@ class ConversationDataModule(LightningDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         if not self.val_path:
             return []
+        if self.trainer is not None:
+            self._attach_features(self.val_set, self.val_generate_set)
         loaders = [self._loader(self.val_set, self.eval_batch_size, self.train_collator, False)]
         if self.val_generate:
             loaders.append(

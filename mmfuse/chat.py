@@ -144,7 +144,8 @@ class ChatSession:
             raise ValueError(f"{where}: a record must be a JSON object")
         base = os.path.realpath(path.parent)
         try:
-            self.processor(record, base_dir=base, source=where)  # RecordError if unusable
+            # RecordError if unusable; the model may have answered nothing in a saved chat
+            self.processor(record, base_dir=base, source=where, empty_reply_ok=True)
             messages = [
                 _map_media_paths(_with_parts(m), lambda p: os.path.realpath(os.path.join(base, p)))
                 for m in record["messages"]

@@ -74,7 +74,9 @@ class MMFuseLitModule(LightningModule):
     def transfer_batch_to_device(self, batch: Batch, device: torch.device, dataloader_idx: int):
         return batch.to(device)
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
+        if len(batch) == 0:  # every record was bad (data.on_bad_record=skip): no update
+            return None
         logits, labels = self.model(batch)
         loss, count = next_token_loss(logits, labels, batch.ids)
         # with several ranks: the global batch's token mean (see global_token_mean)

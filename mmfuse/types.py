@@ -29,6 +29,10 @@ class Sample:
         reference: the last assistant answer when processed for generation.
         all_references: every acceptable answer when processed for generation: the record's
             optional top-level ``"references"`` list, else ``[reference]``.
+        features: per modality, cached encoder features (N, D') used instead of the media
+            (``mmfuse.feature_cache``); the modality's ``image``/``audio`` is then None.
+        audio_chunk: samples per window the audio encoder sees separately (0: the whole clip).
+        truncated_turns: messages dropped from the start to fit ``max_length``.
     """
 
     id: str
@@ -40,6 +44,34 @@ class Sample:
     audio: torch.Tensor | None = None
     reference: str | None = None
     all_references: list[str] | None = None
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    audio_chunk: int = 0
+    truncated_turns: int = 0
+
+
+class SkippedRecord(NamedTuple):
+    """A record left out under ``data.on_bad_record=skip``, in place of its ``Sample``.
+
+    id: record id; source: its file; reason: one of ``processing.errors.REASONS``;
+    detail: the error message.
+    """
+
+    id: str
+    source: str
+    reason: str
+    detail: str
+
+
+class EncoderFeatures(NamedTuple):
+    """Cached encoder features of a batch for one modality, before the encoder's projection.
+
+    feats (B, N, D'), mask (B, N) True where a token is real, present (B,) records that have
+    the modality.
+    """
+
+    feats: torch.Tensor
+    mask: torch.Tensor
+    present: torch.Tensor
 
 
 @dataclass
@@ -60,6 +92,11 @@ class Batch:
         ids, tasks, references: per-record metadata (``references``: the last assistant
             answers).
         all_references: per record, every acceptable answer (``Sample.all_references``).
+        features: per modality, cached encoder features that ``MMFuseModel.encode`` projects
+            instead of running the encoder (``mmfuse.encoding.run_encoder``).
+        audio_chunk: samples per window the audio encoder sees separately (0: whole clips).
+        skipped: records of this batch left out as bad (``data.on_bad_record=skip``).
+        truncated: records of this batch whose oldest turns were dropped to fit.
     """
 
     input_ids: torch.Tensor
@@ -76,16 +113,24 @@ class Batch:
     tasks: list[str] = field(default_factory=list)
     references: list[str | None] = field(default_factory=list)
     all_references: list[list[str] | None] = field(default_factory=list)
+    features: dict[str, EncoderFeatures] = field(default_factory=dict)
+    audio_chunk: int = 0
+    skipped: list[SkippedRecord] = field(default_factory=list)
+    truncated: int = 0
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device | str) -> Batch:
-        """Moves every tensor field to ``device``."""
+        """Moves every tensor field (and the cached features) to ``device``."""
         moved = {
             f.name: getattr(self, f.name).to(device)
             for f in fields(self)
             if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        moved["features"] = {
+            name: EncoderFeatures(*(t.to(device) for t in value))
+            for name, value in self.features.items()
         }
         return replace(self, **moved)
 

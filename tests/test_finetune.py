@@ -52,7 +52,9 @@ def _chat_transcript(model_dir: Path, world_dir: Path, transcript: Path) -> None
                 script += f"/{part['type']} {world_dir / part['path']}\n"
         script += f"What is here?\nAnd now?\n/save {transcript}\n/reset\n"
     model, processor = load_model_dir(model_dir)
-    session = ChatSession(model, processor, GenerationConfig(max_new_tokens=4))
+    # sampled: the barely trained model's greedy answer may be empty, which is no training data
+    generation = GenerationConfig(max_new_tokens=4, do_sample=True, temperature=1.5, seed=0)
+    session = ChatSession(model, processor, generation)
     out = io.StringIO()
     run_interactive(session, io.StringIO(script), out, stream=False)
     text = out.getvalue()

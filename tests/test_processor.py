@@ -191,17 +191,68 @@ def test_too_long_record(base):
     )
 
 
-def test_template_without_generation_block_raises_no_supervised_token(base):
+def _multi_turn(record_id: str = "m1") -> dict:
+    rec = record(record_id, "What color is the circle?", "red", image="a.png")
+    rec["messages"] += [
+        {"role": "user", "content": [{"type": "text", "text": "What shape is it?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "circle"}]},
+    ]
+    return rec
+
+
+def test_template_without_generation_block_gives_assistant_only_labels(base):
+    """Rendering messages[:i] and messages[:i+1] finds each answer: the same labels as the
+    template's own generation blocks."""
     tok = fresh_tokenizer()
     tok.chat_template = CHAT_TEMPLATE.replace("{%- generation -%}", "").replace(
         "{%- endgeneration -%}", ""
     )
     assert "{%- generation" not in tok.chat_template and "endgeneration" not in tok.chat_template
     proc = Processor(tok, ImageProcessor(64), AudioProcessor(SAMPLE_RATE))
-    _expect_record_error(proc, record("r17", "What color?", "red"), base, "no supervised token")
-    # for generation nothing is supervised anyway: no error
+    for rec in (record("r17", "What color?", "red", image="a.png"), _multi_turn()):
+        sample, reference = proc(rec, base), processor()(rec, base)
+        assert sample.input_ids.tolist() == reference.input_ids.tolist()
+        assert sample.labels.tolist() == reference.labels.tolist()
+    assert supervised_text(tok, proc(_multi_turn(), base).labels.tolist()) == (
+        "red<|im_end|>circle<|im_end|>"
+    )
     sample = proc(record("r17", "What color?", "red"), base, for_generation=True)
-    assert sample.reference == "red"
+    assert sample.reference == "red" and (sample.labels == IGNORE_INDEX).all()
+
+
+# A Qwen2-style template: string content only, a default system prompt, a newline after each
+# end-of-turn token (as in Qwen2/Qwen2.5 tokenizers' tokenizer_config.json).
+QWEN2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# A Llama-3-style template (header tokens, a begin-of-text token, trimmed content).
+LLAMA3_TEMPLATE = (
+    "{{ '<|endoftext|>' }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '<|im_end|>\n\n' + message['content'] | trim + "
+    "'<|im_end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_end|>\n\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", [QWEN2_TEMPLATE, LLAMA3_TEMPLATE], ids=["qwen2", "llama3"])
+def test_real_templates_without_generation_blocks(base, template):
+    tok = fresh_tokenizer()
+    tok.chat_template = template
+    proc = Processor(tok, ImageProcessor(64), AudioProcessor(SAMPLE_RATE))
+    sample = proc(_multi_turn(), base)
+    text = tok.decode(sample.input_ids)
+    # list content became text, the image a placeholder token; no Python list repr
+    assert "<|image|>What color is the circle?" in text and "'type'" not in text
+    assert sample.input_ids.tolist().count(tok.convert_tokens_to_ids(IMAGE_TOKEN)) == 1
+    assert supervised_text(tok, sample.labels.tolist()) == "red<|im_end|>circle<|im_end|>"
+    prompt = proc(_multi_turn(), base, for_generation=True)
+    assert tok.decode(prompt.input_ids).endswith(
+        "<|im_start|>assistant" + ("\n" if template is QWEN2_TEMPLATE else "<|im_end|>\n\n")
+    )
+    assert prompt.reference == "circle"
 
 
 def test_for_generation_keeps_last_answer_as_reference(base):

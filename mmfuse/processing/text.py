@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -12,6 +13,7 @@ PAD, EOS = "<|pad|>", "<|im_end|>"
 IMAGE_TOKEN, AUDIO_TOKEN = "<|image|>", "<|audio|>"
 SPECIAL_TOKENS = [PAD, "<|endoftext|>", "<|im_start|>", EOS, IMAGE_TOKEN, AUDIO_TOKEN]
 IGNORE_INDEX = -100
+_PLACEHOLDERS = {"image": IMAGE_TOKEN, "audio": AUDIO_TOKEN}
 
 # ChatML-style template. Media parts become placeholder tokens; the `generation` block marks
 # the tokens the loss covers (assistant content and its end-of-turn token).
@@ -87,10 +89,22 @@ def encode_conversation(
 ) -> tuple[list[int], list[int]]:
     """Renders messages through the chat template.
 
+    A template with ``{% generation %}`` blocks (mmfuse's own) marks the assistant tokens
+    itself. For one without (those of real Qwen2, Llama-3, ... tokenizers), the content of
+    every message is first turned into text (media parts become the placeholder tokens), and
+    each assistant turn ``i`` is found as the text that rendering ``messages[:i + 1]`` adds to
+    rendering ``messages[:i]`` with the assistant header (:func:`assistant_spans`).
+
     Returns:
-        (input_ids, labels): labels equal input_ids on assistant tokens (as marked by the
-        template's ``generation`` block) and ``IGNORE_INDEX`` elsewhere.
+        (input_ids, labels): labels equal input_ids on assistant tokens (their content and
+        end-of-turn token) and ``IGNORE_INDEX`` elsewhere.
+
+    Raises:
+        ValueError: the template renders the start of a conversation differently from the
+            whole of it, so the assistant turns cannot be found.
     """
+    if not uses_generation_blocks(tokenizer.chat_template):
+        return _encode_by_prefixes(tokenizer, messages, add_generation_prompt)
     encoded = tokenizer.apply_chat_template(
         list(messages),
         tokenize=True,
@@ -103,6 +117,98 @@ def encode_conversation(
         return input_ids, [IGNORE_INDEX] * len(input_ids)
     mask = encoded["assistant_masks"]
     labels = [tok if m else IGNORE_INDEX for tok, m in zip(input_ids, mask, strict=False)]
+    return input_ids, labels
+
+
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def uses_generation_blocks(template: str | dict | None) -> bool:
+    """Whether a chat template marks assistant tokens with ``{% generation %}`` blocks."""
+    if isinstance(template, dict):  # named templates: the default one
+        template = template.get("default")
+    return bool(template) and _GENERATION_BLOCK.search(str(template)) is not None
+
+
+def as_text_messages(messages: Sequence[dict]) -> list[dict]:
+    """Messages whose content is one string: text parts joined, media parts as placeholder
+    tokens (for templates that only render string content)."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, str):
+            pieces = []
+            for part in content or []:
+                kind = part.get("type")
+                if kind in _PLACEHOLDERS:
+                    pieces.append(_PLACEHOLDERS[kind])
+                else:
+                    pieces.append(str(part.get("text") or ""))
+            content = "".join(pieces)
+        out.append({**message, "content": content})
+    return out
+
+
+def assistant_spans(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict]
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns.
+
+    The span of assistant message ``i`` is what rendering ``messages[:i + 1]`` adds to
+    rendering ``messages[:i]`` with the generation prompt (the assistant header), less
+    trailing whitespace (the newline some templates put after the end-of-turn token).
+    """
+
+    def render(part: Sequence[dict], header: bool) -> str:
+        return tokenizer.apply_chat_template(
+            list(part), tokenize=False, add_generation_prompt=header
+        )
+
+    full = render(messages, False)
+    spans = []
+    for index, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        before = render(messages[:index], True) if index else ""
+        upto = render(messages[: index + 1], False)
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise ValueError(
+                "the chat template renders the start of the conversation differently from "
+                f"the whole (assistant turn {index}): the supervised tokens cannot be found; "
+                "use a template with {% generation %} blocks"
+            )
+        end = len(upto.rstrip())
+        if end > len(before):
+            spans.append((len(before), end))
+    return full, spans
+
+
+def _encode_by_prefixes(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], add_generation_prompt: bool
+) -> tuple[list[int], list[int]]:
+    messages = as_text_messages(messages)
+    if add_generation_prompt:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return input_ids, [IGNORE_INDEX] * len(input_ids)
+    full, spans = assistant_spans(tokenizer, messages)
+    if tokenizer.is_fast:
+        encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids = list(encoded["input_ids"])
+        supervised = [  # tokens overlapping an assistant span
+            b > a and any(a < stop and b > start for start, stop in spans)
+            for a, b in encoded["offset_mapping"]
+        ]
+    else:  # no offsets: count the tokens of each rendered prefix
+        input_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        supervised = [False] * len(input_ids)
+        for start, stop in spans:
+            first = len(tokenizer(full[:start], add_special_tokens=False)["input_ids"])
+            last = len(tokenizer(full[:stop], add_special_tokens=False)["input_ids"])
+            supervised[first:last] = [True] * (last - first)
+    labels = [
+        tok if keep else IGNORE_INDEX for tok, keep in zip(input_ids, supervised, strict=True)
+    ]
     return input_ids, labels
 
 
