@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from mmfuse.generation import GenerationConfig, append_position, decoder_step
 from mmfuse.model import MMFuseModel
+from mmfuse.modules.conditioning import CrossAttentionMemory, conditioned
 from mmfuse.types import Batch
 
 NEG_INF = -1.0e9  # transformers' "impossible" score: added, so ties break as they do there
@@ -40,6 +41,7 @@ def beam_search(model: MMFuseModel, batch: Batch, config: GenerationConfig) -> l
         inputs.position_ids,
         model.tokenizer.eos_token_id,
         config,
+        memory=inputs.memory,
     )
 
 
@@ -52,11 +54,14 @@ def beam_search_embeds(
     eos: int,
     config: GenerationConfig,
     early_stopping: bool = False,
+    memory: CrossAttentionMemory | None = None,
 ) -> list[list[int]]:
     """Beam search from prompt embeddings (B, L, H), mask (B, L) and positions (B, L).
 
     Uses ``config.num_beams``, ``config.max_new_tokens`` and ``config.length_penalty``; new
-    tokens are embedded with ``decoder.get_input_embeddings()``.
+    tokens are embedded with ``decoder.get_input_embeddings()``. A cross-attention ``memory``
+    (``DecoderInputs.memory``), projected once, is repeated for the beams and reordered with
+    them as the KV cache is.
 
     Returns:
         Per row, the best hypothesis's generated ids without ``eos``.
@@ -76,51 +81,57 @@ def beam_search_embeds(
     done = [False] * rows
     row_offset = torch.arange(rows, device=device)[:, None] * k  # (B, 1)
     step_embeds, step_positions, cache = embeds, positions, None
-    for step in range(config.max_new_tokens):
-        logits, cache = decoder_step(decoder, step_embeds, mask, step_positions, cache)
-        logprobs = logits.log_softmax(dim=-1)  # (B*k, V)
-        vocab = logprobs.shape[-1]
-        total = logprobs.view(rows, k, vocab) + scores[:, :, None]  # (B, k, V)
-        top_scores, top = total.view(rows, k * vocab).topk(2 * k, dim=1)  # (B, 2k), sorted
-        source, token = top // vocab, top % vocab  # (B, 2k) beam index and token id
-        last = step + 1 == config.max_new_tokens
-        ends = (token == eos) | last  # (B, 2k)
+    if memory is not None:
+        memory = memory.repeat_interleave(k)  # (B*k, ...) like the prompt
+    with conditioned(decoder, memory) as scope:
+        for step in range(config.max_new_tokens):
+            logits, cache = decoder_step(decoder, step_embeds, mask, step_positions, cache)
+            logprobs = logits.log_softmax(dim=-1)  # (B*k, V)
+            vocab = logprobs.shape[-1]
+            total = logprobs.view(rows, k, vocab) + scores[:, :, None]  # (B, k, V)
+            top_scores, top = total.view(rows, k * vocab).topk(2 * k, dim=1)  # (B, 2k), sorted
+            source, token = top // vocab, top % vocab  # (B, 2k) beam index and token id
+            last = step + 1 == config.max_new_tokens
+            ends = (token == eos) | last  # (B, 2k)
 
-        # finished hypotheses: the candidates among the first k that end here
-        normalised = (top_scores / (step + 1) ** penalty).tolist()  # (B, 2k)
-        ends_, source_, token_ = ends.tolist(), source.tolist(), token.tolist()
-        for b in range(rows):
-            if done[b]:
-                continue
-            for c in range(k):
-                if ends_[b][c]:
-                    ids = tokens[b, source_[b][c]].tolist() + [token_[b][c]]
-                    finished[b].append((normalised[b][c], ids))
-            finished[b] = sorted(finished[b], key=lambda h: -h[0])[:k]
-        if last:
-            break
+            # finished hypotheses: the candidates among the first k that end here
+            normalised = (top_scores / (step + 1) ** penalty).tolist()  # (B, 2k)
+            ends_, source_, token_ = ends.tolist(), source.tolist(), token.tolist()
+            for b in range(rows):
+                if done[b]:
+                    continue
+                for c in range(k):
+                    if ends_[b][c]:
+                        ids = tokens[b, source_[b][c]].tolist() + [token_[b][c]]
+                        finished[b].append((normalised[b][c], ids))
+                finished[b] = sorted(finished[b], key=lambda h: -h[0])[:k]
+            if last:
+                break
 
-        # live beams: the k best candidates that do not end
-        live_scores = top_scores + ends.float() * NEG_INF  # (B, 2k)
-        keep = live_scores.topk(k, dim=1).indices  # (B, k)
-        scores = live_scores.gather(1, keep)  # (B, k), sorted
-        parent = source.gather(1, keep)  # (B, k)
-        new_token = token.gather(1, keep)  # (B, k)
-        history = tokens.gather(1, parent[:, :, None].expand_as(tokens))  # (B, k, t)
-        tokens = torch.cat([history, new_token[:, :, None]], dim=2)  # (B, k, t+1)
+            # live beams: the k best candidates that do not end
+            live_scores = top_scores + ends.float() * NEG_INF  # (B, 2k)
+            keep = live_scores.topk(k, dim=1).indices  # (B, k)
+            scores = live_scores.gather(1, keep)  # (B, k), sorted
+            parent = source.gather(1, keep)  # (B, k)
+            new_token = token.gather(1, keep)  # (B, k)
+            history = tokens.gather(1, parent[:, :, None].expand_as(tokens))  # (B, k, t)
+            tokens = torch.cat([history, new_token[:, :, None]], dim=2)  # (B, k, t+1)
 
-        # a full row is done when its best live beam cannot beat its worst hypothesis
-        best_live = (scores[:, 0] / (step + 1) ** penalty).tolist()  # (B,)
-        for b in range(rows):
-            if len(finished[b]) == k:
-                done[b] = done[b] or early_stopping or best_live[b] <= finished[b][-1][0]
-        if all(done):
-            break
+            # a full row is done when its best live beam cannot beat its worst hypothesis
+            best_live = (scores[:, 0] / (step + 1) ** penalty).tolist()  # (B,)
+            for b in range(rows):
+                if len(finished[b]) == k:
+                    done[b] = done[b] or early_stopping or best_live[b] <= finished[b][-1][0]
+            if all(done):
+                break
 
-        # next step: the kept beams' caches, their new tokens, one position and mask column more
-        cache.reorder_cache((parent + row_offset).view(-1))  # (B*k,) flat parent rows
-        step_embeds = embed(new_token.view(-1))[:, None]  # (B*k, 1, H)
-        mask, positions, step_positions = append_position(mask, positions)
+            # next step: the kept beams' caches (and memory rows, equal within a row: the
+            # reorder keeps them aligned), their new tokens, one position and mask column more
+            flat_parents = (parent + row_offset).view(-1)  # (B*k,)
+            cache.reorder_cache(flat_parents)
+            scope.reorder(flat_parents)
+            step_embeds = embed(new_token.view(-1))[:, None]  # (B*k, 1, H)
+            mask, positions, step_positions = append_position(mask, positions)
 
     out = []
     for hypotheses in finished:

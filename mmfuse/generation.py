@@ -9,6 +9,7 @@ import torch
 from transformers import Cache, PreTrainedModel
 
 from mmfuse.model import MMFuseModel
+from mmfuse.modules.conditioning import conditioned
 from mmfuse.types import Batch
 
 
@@ -139,6 +140,7 @@ def generate(
         return beam_search(model, batch, configs[0])
     eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
     embed = model.decoder.get_input_embeddings()
+    # the memory is encoded (and, with cross-attention, projected to keys and values) once
     inputs = model.prepare_inputs(batch)
     embeds, mask, positions = inputs.embeds, inputs.attention_mask, inputs.position_ids
     device = embeds.device
@@ -153,31 +155,32 @@ def generate(
     finished = limits <= 0  # (B,)
     out: list[list[int]] = [[] for _ in range(rows)]
     step_embeds, step_positions, cache = embeds, positions, None
-    for step in range(int(limits.max())):
-        logits, step_cache = decoder_step(  # (B, V)
-            model.decoder, step_embeds, mask, step_positions, cache, use_cache
-        )
-        if shared:
-            token = next_token(logits, configs[0], generators[0])  # (B,)
-        else:
-            token = _pick(logits, configs, generators)
-        token = torch.where(finished, torch.full_like(token, pad), token)
-        for row, value in enumerate(token.tolist()):
-            if not finished[row] and value != eos:
-                out[row].append(value)
-        finished = finished | (token == eos)
-        stop = on_tokens(token, finished) if on_tokens is not None else None
-        finished = finished | (limits <= step + 1)
-        if stop is not None:
-            finished = finished | stop
-        if bool(finished.all()):
-            break
-        new = embed(token)[:, None]  # (B, 1, H)
-        mask, positions, new_position = append_position(mask, positions)
-        if use_cache:
-            cache = step_cache
-            step_embeds, step_positions = new, new_position
-        else:
-            embeds = torch.cat([embeds, new], dim=1)
-            step_embeds, step_positions = embeds, positions
+    with conditioned(model.decoder, inputs.memory):
+        for step in range(int(limits.max())):
+            logits, step_cache = decoder_step(  # (B, V)
+                model.decoder, step_embeds, mask, step_positions, cache, use_cache
+            )
+            if shared:
+                token = next_token(logits, configs[0], generators[0])  # (B,)
+            else:
+                token = _pick(logits, configs, generators)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            for row, value in enumerate(token.tolist()):
+                if not finished[row] and value != eos:
+                    out[row].append(value)
+            finished = finished | (token == eos)
+            stop = on_tokens(token, finished) if on_tokens is not None else None
+            finished = finished | (limits <= step + 1)
+            if stop is not None:
+                finished = finished | stop
+            if bool(finished.all()):
+                break
+            new = embed(token)[:, None]  # (B, 1, H)
+            mask, positions, new_position = append_position(mask, positions)
+            if use_cache:
+                cache = step_cache
+                step_embeds, step_positions = new, new_position
+            else:
+                embeds = torch.cat([embeds, new], dim=1)
+                step_embeds, step_positions = embeds, positions
     return out

@@ -3,28 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mmfuse.encoding import run_encoder
 from mmfuse.freezing import frozen_units, has_trainable
+from mmfuse.modules.conditioning import (
+    DecoderInputs,
+    TextInputs,
+    conditioned,
+    decoder_layers,
+)
 from mmfuse.modules.encoders import AudioEncoder, TextEncoder, VisionEncoder
-from mmfuse.processing.text import IGNORE_INDEX
+from mmfuse.processing.text import AUDIO_TOKEN, IMAGE_TOKEN
 from mmfuse.types import Batch, Memory, ModalityTokens
 
+__all__ = ["DecoderInputs", "MMFuseModel", "placeholder_ids"]
 
-class DecoderInputs(NamedTuple):
-    """What the decoder consumes for one batch (L = M memory tokens + T text tokens).
 
-    embeds (B, L, H), attention_mask (B, L), position_ids (B, L), labels (B, L).
-    """
-
-    embeds: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    labels: torch.Tensor
+def placeholder_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids of the media placeholder tokens the tokenizer knows (none for a tokenizer
+    without them: the prefix then goes before the text)."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[token] for token in (IMAGE_TOKEN, AUDIO_TOKEN) if token in vocab]
 
 
 class MMFuseModel(nn.Module):
@@ -35,7 +38,8 @@ class MMFuseModel(nn.Module):
         d_model: width shared by encoder outputs, fusion and memory.
         decoder: builds the causal LM given ``tokenizer=``.
         fusion: builds the fusion given ``modalities=``.
-        conditioning: builds the conditioning given ``lm_hidden=`` (decoder width).
+        conditioning: builds the conditioning given ``lm_hidden=`` and ``lm_layers=`` (the
+            decoder's width and number of layers); see ``mmfuse.modules.conditioning``.
         vision: image encoder or None.
         audio: audio encoder or None.
         text: builds the optional prompt encoder given ``tokenizer=``, or None.
@@ -70,7 +74,11 @@ class MMFuseModel(nn.Module):
         self.encoders = nn.ModuleDict(encoders)
         self.fusion = fusion(modalities=list(encoders))
         self.decoder = decoder(tokenizer=tokenizer)
-        self.conditioning = conditioning(lm_hidden=self.decoder.config.hidden_size)
+        self.conditioning = conditioning(
+            lm_hidden=self.decoder.config.hidden_size,
+            lm_layers=len(decoder_layers(self.decoder)),
+        )
+        self.placeholder_ids = placeholder_ids(tokenizer)
 
     def train(self, mode: bool = True) -> MMFuseModel:
         """Sets the training mode; frozen parts (``freezing.frozen_units``) stay in eval mode,
@@ -94,31 +102,49 @@ class MMFuseModel(nn.Module):
         tokens: dict[str, ModalityTokens] = {}
         for name, encoder in self.encoders.items():
             with torch.set_grad_enabled(torch.is_grad_enabled() and has_trainable(encoder)):
-                tokens[name] = encoder(*inputs[name])
+                # cached features, chunked audio or the plain call (mmfuse.encoding)
+                tokens[name] = run_encoder(encoder, name, batch, inputs[name])
         return self.fusion(tokens)
 
     def prepare_inputs(self, batch: Batch) -> DecoderInputs:
-        """Turns a batch into decoder embeddings, mask, positions and targets.
+        """Turns a batch into decoder embeddings, mask, positions and targets, conditioned on
+        the memory (``DecoderInputs.memory``: run decoder calls inside ``conditioned``).
 
-        The memory prefix comes first; positions count only attended tokens, so left- and
-        right-padded batches give every token the same position.
+        Positions count only attended tokens, so left- and right-padded batches give every
+        token the same position.
         """
-        prefix, prefix_mask = self.conditioning(self.encode(batch))  # (B, M, H), (B, M)
-        tokens = self.decoder.get_input_embeddings()(batch.input_ids)  # (B, T, H)
-        embeds = torch.cat([prefix.to(tokens.dtype), tokens], dim=1)  # (B, M+T, H)
-        mask = torch.cat([prefix_mask, batch.attention_mask.to(prefix_mask.dtype)], dim=1)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        ignored = batch.labels.new_full(prefix_mask.shape, IGNORE_INDEX)
-        labels = torch.cat([ignored, batch.labels], dim=1)
-        return DecoderInputs(embeds, mask, positions, labels)
+        memory = self.encode(batch)  # (B, M, D)
+        ids = batch.input_ids
+        placeholders = torch.tensor(self.placeholder_ids, dtype=ids.dtype, device=ids.device)
+        text = TextInputs(
+            embeds=self.decoder.get_input_embeddings()(ids),  # (B, T, H)
+            attention_mask=batch.attention_mask,
+            labels=batch.labels,
+            placeholder=torch.isin(ids, placeholders),
+            has_memory=self.has_memory(batch),
+        )
+        return self.conditioning.prepare(memory, text)
+
+    def has_memory(self, batch: Batch) -> torch.Tensor:
+        """(B,) bool: the rows whose memory holds something to read: a medium the model
+        encodes, or any row when the model encodes the prompt."""
+        rows = torch.zeros(len(batch), dtype=torch.bool, device=batch.input_ids.device)
+        if "text" in self.encoders:
+            return ~rows
+        if "image" in self.encoders:
+            rows = rows | batch.has_image.to(rows.device)
+        if "audio" in self.encoders:
+            rows = rows | batch.has_audio.to(rows.device)
+        return rows
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns logits (B, L, V) and the aligned labels (B, L) (not yet shifted)."""
         inputs = self.prepare_inputs(batch)
-        out = self.decoder(
-            inputs_embeds=inputs.embeds,
-            attention_mask=inputs.attention_mask,
-            position_ids=inputs.position_ids,
-            use_cache=False,
-        )
+        with conditioned(self.decoder, inputs.memory):
+            out = self.decoder(
+                inputs_embeds=inputs.embeds,
+                attention_mask=inputs.attention_mask,
+                position_ids=inputs.position_ids,
+                use_cache=False,
+            )
         return out.logits, inputs.labels

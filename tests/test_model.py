@@ -41,13 +41,17 @@ def test_mixed_batch_logits_and_labels(tiny, media):
     assert batch.has_image.tolist() == [False, True, False, True]
     assert batch.has_audio.tolist() == [False, False, True, True]
     with torch.no_grad():
+        inputs = model.prepare_inputs(batch)
         logits, labels = model(batch)
     b, t = batch.input_ids.shape
     assert logits.shape == (b, M + t, len(proc.tokenizer))
     assert torch.isfinite(logits).all()
     assert labels.shape == (b, M + t)
-    assert (labels[:, :M] == IGNORE_INDEX).all()
-    assert torch.equal(labels[:, M:], batch.labels)
+    assert (labels.gather(1, inputs.memory_slots) == IGNORE_INDEX).all()
+    assert torch.equal(labels.gather(1, inputs.token_slots), batch.labels)
+    # every supervised label follows an attended position: removed entries are at the front
+    supervised = (labels[:, 1:] != IGNORE_INDEX).nonzero()
+    assert inputs.attention_mask[supervised[:, 0], supervised[:, 1]].all()
 
 
 def test_prepare_inputs(tiny, media):
@@ -55,42 +59,42 @@ def test_prepare_inputs(tiny, media):
     batch = collate(proc, mixed_records(), media)
     with torch.no_grad():
         inputs = model.prepare_inputs(batch)
+        prefix, _ = model.conditioning(model.encode(batch))
     b, t = batch.input_ids.shape
     hidden = model.decoder.config.hidden_size
     assert inputs.embeds.shape == (b, M + t, hidden)
-    assert (inputs.attention_mask[:, :M] == 1).all()
-    assert torch.equal(inputs.attention_mask[:, M:], batch.attention_mask)
+    assert inputs.memory is None
     token_embeds = model.decoder.get_input_embeddings()(batch.input_ids)
-    torch.testing.assert_close(inputs.embeds[:, M:], token_embeds)
-    # right padding: positions 0..M+n-1 on real tokens
+    rows = torch.arange(b)[:, None]
+    torch.testing.assert_close(inputs.embeds[rows, inputs.token_slots], token_embeds)
+    torch.testing.assert_close(inputs.embeds[rows, inputs.memory_slots], prefix)
+    # the memory is read by the rows with media (1, 2, 3), masked in the text-only row 0
+    memory_mask = inputs.attention_mask.gather(1, inputs.memory_slots)
+    assert memory_mask.tolist() == [[0] * M] + [[1] * M] * 3
+    # attended entries are contiguous at the end, with positions 0..n-1
     for row in range(b):
-        n = int(batch.attention_mask[row].sum())
-        assert inputs.position_ids[row, : M + n].tolist() == list(range(M + n))
-    assert (inputs.labels[:, :M] == IGNORE_INDEX).all()
+        n = int(inputs.attention_mask[row].sum())
+        assert inputs.attention_mask[row, -n:].all() and not inputs.attention_mask[row, :-n].any()
+        assert inputs.position_ids[row, -n:].tolist() == list(range(n))
+    assert (inputs.labels.gather(1, inputs.memory_slots) == IGNORE_INDEX).all()
 
 
-def test_left_and_right_padding_give_equal_positions_and_logits(tiny, media):
+def test_left_and_right_padding_give_equal_inputs_and_logits(tiny, media):
     proc, model = tiny
     records = mixed_records()
     right = collate(proc, records, media, side="right")
     left = collate(proc, records, media, side="left")
-    t = right.input_ids.shape[1]
+    assert not torch.equal(right.input_ids, left.input_ids)  # rows are padded differently
     with torch.no_grad():
         right_in, left_in = model.prepare_inputs(right), model.prepare_inputs(left)
         right_logits, _ = model(right)
         left_logits, _ = model(left)
-    for row in range(len(records)):
-        n = int(right.attention_mask[row].sum())
-        assert n < t or row == int(right.attention_mask.sum(1).argmax())
-        r_pos = right_in.position_ids[row, M : M + n]
-        l_pos = left_in.position_ids[row, M + t - n :]
-        assert r_pos.tolist() == l_pos.tolist() == list(range(M, M + n))
-        assert torch.equal(right_in.labels[row, M : M + n], left_in.labels[row, M + t - n :])
-        torch.testing.assert_close(
-            right_logits[row, M : M + n], left_logits[row, M + t - n :], atol=1e-4, rtol=1e-4
-        )
-    # at least one row is actually padded differently
-    assert not torch.equal(right.input_ids, left.input_ids)
+    mask = right_in.attention_mask.bool()
+    assert torch.equal(mask, left_in.attention_mask.bool())
+    assert torch.equal(right_in.position_ids, left_in.position_ids)
+    assert torch.equal(right_in.labels, left_in.labels)
+    torch.testing.assert_close(right_in.embeds[mask], left_in.embeds[mask])
+    torch.testing.assert_close(right_logits[mask], left_logits[mask], atol=1e-4, rtol=1e-4)
 
 
 def test_record_output_does_not_depend_on_batch(tiny, media):
@@ -98,11 +102,11 @@ def test_record_output_does_not_depend_on_batch(tiny, media):
     records = mixed_records()
     batch = collate(proc, records, media)
     single = collate(proc, records[3:], media)
-    n = single.input_ids.shape[1]
+    n = single.input_ids.shape[1] + M  # the longest record: no padding alone
     with torch.no_grad():
         logits, _ = model(batch)
         alone, _ = model(single)
-    torch.testing.assert_close(logits[3, : M + n], alone[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[3, -n:], alone[0], atol=1e-4, rtol=1e-4)
 
 
 def test_memory_depends_on_the_image(tmp_path, tiny):

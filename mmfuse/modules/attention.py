@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +17,14 @@ class Attention(nn.Module):
         num_heads: number of heads; must divide ``dim``.
         context_dim: width of the context (defaults to ``dim``).
         dropout: attention dropout in training.
+
+    Attributes:
+        recorder: None (the default: fused SDPA, no weights materialised), or, set on an
+            instance only inside ``mmfuse.attention_maps.capture_attention``, a callable that
+            receives the explicit softmax weights (B, h, L, S) of every call.
     """
+
+    recorder: Callable[[torch.Tensor], None] | None = None
 
     def __init__(
         self, dim: int, num_heads: int, context_dim: int | None = None, dropout: float = 0.0
@@ -29,11 +38,24 @@ class Attention(nn.Module):
         self.to_kv = nn.Linear(context_dim or dim, 2 * dim)
         self.to_out = nn.Linear(dim, dim)
 
+    def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of a context (B, S, Dc) -> two (B, h, S, d).
+
+        Computed once, they can be passed to ``forward(kv=...)`` for any number of queries
+        (a decoder's cross-attention over a fixed memory during generation).
+        """
+        b, dim = context.shape[0], self.to_q.out_features
+        k, v = self.to_kv(context).chunk(2, dim=-1)
+        k = k.reshape(b, -1, self.num_heads, dim // self.num_heads).transpose(1, 2)  # (B, h, S, d)
+        v = v.reshape(b, -1, self.num_heads, dim // self.num_heads).transpose(1, 2)
+        return k, v
+
     def forward(
         self,
         x: torch.Tensor,
         context: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Attends.
 
@@ -41,19 +63,26 @@ class Attention(nn.Module):
             x: (B, L, D) queries.
             context: (B, S, Dc) keys and values; ``x`` itself when None.
             mask: (B, S) bool, True where a context token may be attended to.
+            kv: keys and values already projected by ``project_context`` (``context`` is then
+                not used).
 
         Returns:
             (B, L, D).
         """
-        context = x if context is None else context
         b, length, dim = x.shape
         q = self.to_q(x).view(b, length, self.num_heads, -1).transpose(1, 2)  # (B, h, L, d)
-        k, v = self.to_kv(context).chunk(2, dim=-1)
-        k = k.reshape(b, -1, self.num_heads, dim // self.num_heads).transpose(1, 2)  # (B, h, S, d)
-        v = v.reshape(b, -1, self.num_heads, dim // self.num_heads).transpose(1, 2)
+        k, v = kv if kv is not None else self.project_context(x if context is None else context)
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, S)
         dropout = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        if self.recorder is not None:  # the same attention, with the weights written out
+            scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, h, L, S)
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            weights = scores.softmax(dim=-1)
+            self.recorder(weights.detach())
+            out = F.dropout(weights, dropout) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         return self.to_out(out.transpose(1, 2).reshape(b, length, dim))
 
 
