@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mmfuse.config import CONFIG_DIR
+from mmfuse.evaluation.after_fit import evaluate_after_fit
 from mmfuse.freezing import apply_freezing
 from mmfuse.launch import multirun_ddp_job
 from mmfuse.lit_module import MMFuseLitModule
@@ -26,6 +27,7 @@ from mmfuse.model_dir import (
     save_model_dir,
 )
 from mmfuse.scale import enable_gradient_checkpointing
+from mmfuse.vision_pretrain import pretrain_vision
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     processor, model = build_processor_and_model(cfg)
     if init_from:
         load_weights(model, init_from)
+    if cfg.get("vision_pretrain"):
+        if "image" not in model.encoders:
+            raise ValueError("vision_pretrain: the model has no vision encoder (model.vision)")
+        pretrain_vision(
+            model.encoders["image"], processor, cfg.data.train_path, **_plain(cfg.vision_pretrain)
+        )
     # freezing first: LoRA adapters in a component configured frozen fail the fit-start check
     frozen = apply_freezing(model, _plain(cfg.get("freeze")))
     apply_lora(model, _plain(cfg.get("lora")))
@@ -83,6 +91,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         merge_lora(model)  # the model directory holds plain weights
         model_dir = save_model_dir(model, cfg, output_dir / "model")
         log.info("model saved to %s", model_dir)
+        if cfg.get("eval_after_fit"):  # e.g. experiment=world_sweep: every run scored
+            evaluate_after_fit(cfg.eval_after_fit, model_dir)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
