@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmfuse-installed
 DEMO := runs/demo
 
-.PHONY: setup test demo lint clean-demo
+.PHONY: setup test demo lint clean-demo bench
 
 setup: $(STAMP)
 
@@ -38,3 +38,10 @@ demo: setup
 
 clean-demo:
 	rm -rf $(DEMO)
+
+# performance ratios, each measured side by side (benchmarks/README.md): prints one table and
+# writes runs/bench/results.json and runs/bench/scaling.png; under 15 minutes on 2 cores.
+# Options through BENCH_ARGS, e.g. make bench BENCH_ARGS="--compile" or "--threads 1"
+bench: setup
+	$(PY) -m data_modules.world --out data/world --seed 0
+	$(PY) -m benchmarks.run $(BENCH_ARGS)

@@ -1,0 +1,253 @@
+"""Smoke tests of the benchmark helpers (benchmarks/) on the tiny model and world: what they
+compute and compare, never how fast (no timing assertions)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import types
+
+import pytest
+import torch
+from conftest import tiny_train_overrides
+
+from benchmarks import compute, data_pipeline, generation, memory, optimisations, overhead
+from benchmarks.common import Report, build_model, compose_train, train_batches
+from benchmarks.run import _LOSS_DIFF, _SPEEDUP, add_feature_cache
+from benchmarks.run import main as bench_main
+from benchmarks.scaling import measure_scaling, plot
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def setup(world_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cfg = compose_train(tiny_train_overrides(world_dir, out), out)
+    processor, model = build_model(cfg)
+    batches = train_batches(cfg, processor, 4)
+    return cfg, processor, model, batches
+
+
+def test_lightning_and_plain_loops_give_equal_losses(setup):
+    cfg, _, model, batches = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = overhead.measure_overhead(cfg, model, batches, warmup=1, repeats=2)
+    assert result.max_abs_loss_diff == 0.0
+    assert len(result.losses) == len(batches)
+    assert all(math.isfinite(x) for x in result.losses)
+    assert result.lightning_s > 0 and result.plain_s > 0 and len(result.ratios) == 2
+    # the model is left as it was
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_separate_runs_repeat_the_lockstep_losses(setup):
+    cfg, _, model, batches = setup
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = overhead.run_plain(cfg, model, batches)
+    model.load_state_dict(state)
+    lightning = overhead.run_lightning(cfg, model, batches)
+    model.load_state_dict(state)
+    assert plain.losses == lightning.losses
+    assert len(plain.durations()) == len(batches)
+
+
+def test_host_sync_counter_counts_host_reads():
+    with overhead.HostSyncCounter() as counter:
+        x = torch.tensor([1.0, 2.0])
+        bool(x.sum() > 0)
+        x.sum().item()
+        float(x[0])
+        x.tolist()
+        x + 1  # no read
+    assert sum(counter.calls.values()) == 4
+    assert all("test_benchmarks.py" in place for place in counter.calls)
+
+
+def test_host_syncs_of_a_lightning_step_are_counted(setup):
+    cfg, _, model, batches = setup
+    per_step, calls, _ = overhead.count_host_syncs(cfg, model, batches)
+    assert per_step > 0
+    assert sum(calls.values()) > 0
+
+
+def test_generation_runs_to_the_token_count_and_variants_agree(setup, world_dir):
+    _, processor, model, _ = setup
+    batch = generation.prompt_batch(processor, world_dir / "test.jsonl", 3)
+    tokenizer = model.tokenizer
+    result = generation.measure_generation(model, batch, 12, warmup=0, repeats=1)
+    assert model.tokenizer is tokenizer  # the stand-in is gone
+    assert result.tokens_per_row == 12
+    assert result.agreement == 1.0
+    assert result.cached_s > 0 and result.uncached_s > 0 and result.hf_s > 0
+
+
+def test_agreement_counts_tokens_before_the_first_difference():
+    same = [[1, 2, 3], [4, 5, 6]]
+    assert generation.agreement([same, same]) == 1.0
+    assert generation.agreement([[[1, 2, 3]], [[1, 9, 3]]]) == pytest.approx(1 / 3)
+
+
+def test_loader_throughput_counts_samples(setup):
+    cfg, processor, _, _ = setup
+    result = data_pipeline.loader_throughput(cfg, processor, batches=2, repeats=2, warmup=1)
+    assert result.batch_size == 8 and result.num_workers == 0
+    assert len(result.rates) == 2 and result.samples_per_s > 0
+
+
+def test_training_step_flops_are_counted(setup):
+    _, _, model, batches = setup
+    total, parts = compute.training_step_flops(model, batches[0])
+    assert total > 0
+    assert {"decoder", "fusion"} <= set(parts)
+    assert sum(parts.values()) < total  # forward only: a third or so of the step
+    assert all(p.grad is None for p in model.parameters())
+    assert compute.peak_fraction(2e9, 0.5, 8e9) == pytest.approx(0.5)
+
+
+def test_gradient_checkpointing_keeps_the_losses(setup, tmp_path):
+    cfg, _, _, batches = setup
+    path = memory.save_batches(batches[:2], tmp_path / "batches.pt")
+    overrides = ["model=tiny"]
+    plain = memory.child(overrides, False, str(path))
+    ckpt = memory.child(overrides, True, str(path))
+    assert plain["losses"] == ckpt["losses"]
+    assert plain["peak_bytes"] >= plain["baseline_bytes"] > 0
+
+
+def test_memory_child_process_reports_its_peak(setup, tmp_path):
+    _, _, _, batches = setup
+    path = memory.save_batches(batches[:1], tmp_path / "batches.pt")
+    result = memory.measure_memory(["model=tiny"], False, path, threads=1)
+    assert result.peak_mb > result.step_mb >= 0
+    assert len(result.losses) == 1
+
+
+def test_scaling_measures_each_size_and_plots(setup, tmp_path):
+    _, processor, model, _ = setup
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    result = measure_scaling(
+        model,
+        image_size=processor.image.size,
+        sample_rate=processor.audio.sample_rate,
+        batch_size=2,
+        text_lengths=[8, 16],
+        audio_seconds=[0.5, 1.0],
+        fixed_text=8,
+        fixed_audio_s=0.5,
+        warmup=0,
+        repeats=1,
+    )
+    assert result.text_tokens == [8, 16]
+    assert len(result.text_step_s) == 2 and len(result.media_step_s) == 2
+    assert result.media_tokens[0] < result.media_tokens[1]  # longer clips, more frames
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    png = plot(result, tmp_path / "scaling.png")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert png is None
+    else:
+        assert png is not None and png.stat().st_size > 0
+
+
+def test_attention_kernels_are_found(setup):
+    _, _, model, _ = setup
+    kernels = optimisations.attention_kernels(model)
+    assert kernels["decoder"] == "sdpa"
+    assert any(name.startswith("fusion.") for name in kernels)
+
+
+def test_optimizer_variants_train_alike(setup):
+    cfg, _, model, batches = setup
+    times = optimisations.optimizer_step_times(cfg, model, batches[0], warmup=1, repeats=1)
+    assert set(times) == {"for-loop", "foreach", "fused"}
+    assert optimisations.optimizer_losses_agree(cfg, model, batches, "fused") < 1e-4
+    norms = optimisations.grad_norm_times(cfg, model, batches[0], warmup=0, repeats=1)
+    assert set(norms) == {"guard_norm", "clip"}
+    assert all(p.grad is None for p in model.parameters())
+    ratio, diff, configured = optimisations.fused_adamw_effect(cfg, model, batches, warmup=2)
+    assert configured == "foreach" and ratio > 0 and diff < 1e-4
+
+
+def test_checkpointing_recomputes_the_same_losses(setup):
+    cfg, _, model, batches = setup
+    ratio, diff = optimisations.checkpointing_effect(cfg, model, batches, warmup=1)
+    assert diff == 0.0 and ratio > 0
+    assert not model.decoder.is_gradient_checkpointing  # only the copy was switched
+
+
+def test_cold_compile_uses_an_empty_inductor_cache_and_restores_the_setting(monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere")
+    with optimisations._inductor_cache(cold=True):
+        fresh = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        assert fresh != "/somewhere" and not os.listdir(fresh)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere"
+    with optimisations._inductor_cache(cold=False):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere"
+
+
+def test_report_writes_one_key_per_figure(tmp_path):
+    report = Report()
+    report.add("a.ratio", "a ratio", 1.05, "{:.2f}", "<= 1.10", True)
+    report.add("b.nan", "not measured", math.nan)
+    report.add("c.text", "a note", "not available")
+    data = json.loads(report.write(tmp_path / "results.json").read_text())
+    assert data["a.ratio"] == 1.05 and data["b.nan"] is None and data["c.text"] == "not available"
+    assert data["targets"]["a.ratio"] == {"target": "<= 1.10", "holds": True}
+    table = report.table()
+    assert "a ratio" in table and "1.05" in table and "yes" in table
+
+
+def test_bench_main_runs_sections_and_writes_results(world_dir, tmp_path):
+    out = tmp_path / "bench"
+    args = [
+        "--out", str(out), "--world", str(world_dir), "--only", "overhead,generation,compute",
+        "--repeats", "1", "--warmup", "1", "--steps", "2", "--new-tokens", "4", "--gen-rows", "2",
+        *tiny_train_overrides(world_dir, tmp_path / "run"),
+    ]  # fmt: skip
+    report = bench_main(args)
+    data = json.loads((out / "results.json").read_text())
+    assert data["overhead.max_abs_loss_diff"] == 0.0
+    assert data["generation.cache_speedup"] > 0
+    assert 0 < data["compute.efficiency"]
+    assert not [r for r in report.rows if r.key.endswith(".error")]
+
+
+def _feature_cache_args(tmp_path):
+    return argparse.Namespace(
+        repeats=2, out=str(tmp_path), feature_cache_args="", feature_cache_timeout=60
+    )
+
+
+def test_feature_cache_row_says_not_available_without_the_module(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "benchmarks.feature_cache", None)  # import fails
+    report = Report()
+    add_feature_cache(report, _feature_cache_args(tmp_path))
+    assert [(r.key, r.value) for r in report.rows] == [("feature_cache.speedup", "not available")]
+
+
+def test_feature_cache_figures_come_from_its_run_function(monkeypatch, tmp_path):
+    module = types.ModuleType("benchmarks.feature_cache")
+    module.run = lambda repeats: {"speedup": 2.5, "repeats": repeats, "times": [1.0, 2.0]}
+    monkeypatch.setitem(sys.modules, "benchmarks.feature_cache", module)
+    report = Report()
+    add_feature_cache(report, _feature_cache_args(tmp_path))
+    figures = {r.key: r.value for r in report.rows}
+    assert figures == {"feature_cache.speedup": 2.5, "feature_cache.repeats": 2}
+    assert report.extra["feature_cache.times"] == [1.0, 2.0]
+
+
+def test_feature_cache_speedups_are_read_from_printed_output():
+    out = (
+        "loss at step 0: encoders 6.1234567  cached 6.1234568  |diff| 1.00e-07  (required < 1e-5)\n"
+        "model step:           encoders   512.3 ms [ 520.1]  cached   300.2 ms [ 310.0]  "
+        "speed-up 1.71x [1.68x]\n"
+        "step with data load:  encoders   900.0 ms [ 910.0]  cached   400.0 ms [ 420.0]  "
+        "speed-up 2.25x [2.17x]\n"
+    )
+    assert _SPEEDUP.findall(out) == [("model step", "1.71"), ("step with data load", "2.25")]
+    assert _LOSS_DIFF.findall(out) == ["1.00e-07"]
