@@ -78,12 +78,21 @@ class MMFuseLitModule(LightningModule):
         if len(batch) == 0:  # every record was bad (data.on_bad_record=skip): no update
             return None
         logits, labels = self.model(batch)
-        loss, count = next_token_loss(logits, labels, batch.ids)
+        # every record was checked for a supervised token by the processor: no host read here
+        loss, count = next_token_loss(logits, labels, batch.ids, check_supervised=False)
         # with several ranks: the global batch's token mean (see global_token_mean)
         world = self.trainer.world_size if self._trainer is not None else 1
         loss, mean = global_token_mean(loss, count, world, self._sum_over_ranks)
-        self.log("train/loss", mean, prog_bar=True, batch_size=len(batch))
+        if self._is_logging_step():  # the progress bar reads its metrics back every step
+            self.log("train/loss", mean, prog_bar=True, batch_size=len(batch))
         return loss
+
+    def _is_logging_step(self) -> bool:
+        """Whether Lightning's loggers write this step (every ``log_every_n_steps``), so the
+        training loss is read back from the device only then (always without a trainer)."""
+        if self._trainer is None:
+            return True
+        return (self.trainer.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if dataloader_idx == 0:

@@ -25,7 +25,8 @@ class NonFiniteError(RuntimeError):
 
 
 class NonFiniteGuard(Callback):
-    """Checks the loss before backward and the gradients before the optimiser step.
+    """Checks the loss and the gradients before the optimiser step, with one host read per
+    step for both (as a gradient scaler does; nothing else in the step reads the device).
 
     ``stop``: raises :class:`NonFiniteError` naming the step (optimiser steps done before
     this batch), the batch index and the record ids of the batch (of all ranks).
@@ -58,6 +59,7 @@ class NonFiniteGuard(Callback):
         self._ids: list[str] = []
         self._batch_idx = 0
         self._skip_step = False
+        self._loss: torch.Tensor | None = None
 
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
@@ -68,22 +70,36 @@ class NonFiniteGuard(Callback):
     def on_before_backward(
         self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor
     ) -> None:
-        bad = not bool(torch.isfinite(loss.detach()).all())
-        if trainer.world_size > 1:
-            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if bad:
-            self._found(trainer, "loss", loss.detach().float().sum().item())
+        self._loss = loss.detach()  # checked with the gradients: one host read per step
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if not isinstance(trainer.strategy, DeepSpeedStrategy):
-            norm = _grad_norm(trainer, optimizer)
+        loss, self._loss = self._loss, None
+        loss_finite = torch.isfinite(loss).all() if loss is not None else torch.tensor(True)
+        with_norm = not isinstance(trainer.strategy, DeepSpeedStrategy)
+        norm = (
+            _grad_norm(trainer, optimizer)
+            if with_norm
+            else loss_finite.new_zeros((), dtype=torch.float32)
+        )
+        # the one host read of the step: the loss check and the gradient norm together
+        finite, norm_value = torch.stack(
+            [loss_finite.float(), norm.float().to(loss_finite.device)]
+        ).tolist()
+        bad_loss = not finite
+        if trainer.world_size > 1:
+            bad_loss = trainer.strategy.reduce_boolean_decision(bad_loss, all=False)
+        if bad_loss:
+            self._found(
+                trainer, "loss", loss.float().sum().item() if loss is not None else math.nan
+            )
+        if with_norm:
             if self.log_grad_norm:
-                pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+                pl_module.log("train/grad_norm", norm_value, on_step=True, on_epoch=False)
             scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
-            if not scaled and not self._skip_step and not math.isfinite(norm):
-                self._found(trainer, "gradient norm", norm)
+            if not scaled and not self._skip_step and not math.isfinite(norm_value):
+                self._found(trainer, "gradient norm", norm_value)
         if self._skip_step:
             optimizer.zero_grad(set_to_none=True)
             self._skip_step = False
@@ -122,14 +138,15 @@ class NonFiniteGuard(Callback):
         self.skipped = int(state_dict.get("skipped", 0))
 
 
-def _grad_norm(trainer: Trainer, optimizer: torch.optim.Optimizer) -> float:
-    """The 2-norm of all gradients the optimiser will apply (over the shards under FSDP)."""
+def _grad_norm(trainer: Trainer, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The 2-norm of all gradients the optimiser will apply (over the shards under FSDP), as a
+    0-d tensor on their device (not read here)."""
     grads = [
         p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
     ]
     if not grads:
-        return 0.0
+        return torch.zeros(())
     square = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True).float() ** 2
     if isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
         square = trainer.strategy.reduce(square, reduce_op="sum")
-    return float(square.sqrt())
+    return square.sqrt()

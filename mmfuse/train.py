@@ -61,6 +61,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     frozen = apply_freezing(model, _plain(cfg.get("freeze")))
     apply_lora(model, _plain(cfg.get("lora")))
     enable_gradient_checkpointing(model, **(_plain(cfg.get("gradient_checkpointing")) or {}))
+    if cfg.get("compile"):  # in place: parameter names, checkpoints and saving unchanged
+        model.compile()
     datamodule = instantiate(cfg.data, processor=processor, _convert_="all")
     module = MMFuseLitModule(
         model,

@@ -71,7 +71,13 @@ def test_host_syncs_of_a_lightning_step_are_counted(setup):
     cfg, _, model, batches = setup
     per_step, calls, _ = overhead.count_host_syncs(cfg, model, batches)
     assert per_step > 0
-    assert sum(calls.values()) > 0
+    # mmfuse's own code reads the device once per step: the non-finite guard's combined
+    # loss check and gradient norm (the encoders, the loss and the logging read nothing)
+    ours = {place: n for place, n in calls.items() if " at mmfuse/" in place}
+    assert len(ours) == 1, ours
+    ((place, count),) = ours.items()
+    assert place.startswith("tolist at mmfuse/nonfinite.py") and "on_before_optimizer_step" in place
+    assert count == len(batches) - 1  # one per counted step (the first is skipped)
 
 
 def test_generation_runs_to_the_token_count_and_variants_agree(setup, world_dir):

@@ -98,3 +98,30 @@ def test_resume_from_last_checkpoint(
     start = torch.load(last, weights_only=False)["global_step"]
     end = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
     assert start == 6 and end > start, "resumed at the saved step and trained on"
+
+
+@pytest.mark.slow  # compiling takes minutes on CPU
+def test_compiled_training_saves_the_same_model_layout(
+    world_dir: Path, tmp_path: Path, compose_train
+) -> None:
+    """`compile=true` compiles in place: same parameter names in the model directory, which
+    loads and generates like any other."""
+    runs = {}
+    for name, compiled in (("eager", "false"), ("compiled", "true")):
+        overrides = [
+            o for o in tiny_train_overrides(world_dir, tmp_path / name) if "limit_val" not in o
+        ]
+        cfg = compose_train(
+            [
+                *overrides,
+                "trainer.max_steps=2",
+                "+trainer.limit_val_batches=0",
+                f"compile={compiled}",
+            ]
+        )
+        runs[name] = train(cfg)
+    eager = load_file(tmp_path / "eager" / "model" / "model.safetensors")
+    compiled = load_file(tmp_path / "compiled" / "model" / "model.safetensors")
+    assert set(eager) == set(compiled)
+    assert runs["compiled"]["train/loss"] == pytest.approx(runs["eager"]["train/loss"], rel=1e-3)
+    load_model_dir(tmp_path / "compiled" / "model")

@@ -21,10 +21,13 @@ from transformers import AutoModel, PretrainedConfig, PreTrainedTokenizerBase
 from mmfuse.types import ModalityTokens
 
 
-def _rows(present: torch.Tensor) -> torch.Tensor:
-    """Indices of the rows to encode: the present ones, or row 0 as a dummy if none is."""
+def _rows(present: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Indices of the rows to encode: the present ones, or row 0 as a dummy if none is; and
+    whether it is that dummy (known on the host from ``nonzero``'s shape: no extra read)."""
     rows = present.nonzero().squeeze(1)
-    return rows if rows.numel() else torch.zeros(1, dtype=torch.long, device=present.device)
+    if rows.numel():
+        return rows, False
+    return torch.zeros(1, dtype=torch.long, device=present.device), True
 
 
 def _scatter(sub: torch.Tensor, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -125,8 +128,8 @@ class VisionEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor, present: torch.Tensor) -> ModalityTokens:
         """pixels (B, 3, H, W), present (B,) bool -> tokens (B, N, D), mask (B, N)."""
-        rows = _rows(present)
-        with _batchnorm_stats_frozen(self.backbone, not bool(present.any())):
+        rows, dummy = _rows(present)
+        with _batchnorm_stats_frozen(self.backbone, dummy):
             feats = self.proj(self.backbone.forward_features(pixels[rows]))  # (b, N, D)
         full = _scatter(feats, rows, pixels.shape[0])
         return ModalityTokens(full, present[:, None].expand(-1, full.shape[1]))
@@ -168,11 +171,11 @@ class AudioEncoder(nn.Module):
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> ModalityTokens:
         """waves (B, S), lengths (B,) valid samples (0 = no audio) -> (B, F, D), mask (B, F)."""
         present = lengths > 0
-        rows = _rows(present)
+        rows, dummy = _rows(present)
         sub_waves, sub_lengths = waves[rows], lengths[rows].clamp(min=1)
         if sub_waves.shape[1] < self.min_samples:  # too short for one frame: zero-pad
             sub_waves = F.pad(sub_waves, (0, self.min_samples - sub_waves.shape[1]))
-        if not bool(present.any()):  # dummy row, masked out below
+        if dummy:  # masked out below
             sub_lengths = sub_lengths.new_full((1,), self.min_samples)
         sample_mask = None
         if self.takes_mask:

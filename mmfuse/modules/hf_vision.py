@@ -91,8 +91,8 @@ class HFVisionEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor, present: torch.Tensor) -> ModalityTokens:
         """pixels (B, 3, H, W), present (B,) bool -> tokens (B, N, D), mask (B, N)."""
-        rows = _rows(present)
-        with _batchnorm_stats_frozen(self.backbone, not bool(present.any())):  # dummy row
+        rows, dummy = _rows(present)
+        with _batchnorm_stats_frozen(self.backbone, dummy):
             feats = self.proj(self._features(pixels[rows]))  # (b, N, D)
         full = _scatter(feats, rows, pixels.shape[0])
         return ModalityTokens(full, present[:, None].expand(-1, full.shape[1]))

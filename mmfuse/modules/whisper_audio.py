@@ -113,7 +113,7 @@ class WhisperAudioEncoder(nn.Module):
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> ModalityTokens:
         """waves (B, S), lengths (B,) valid samples (0 = no audio) -> (B, F, D), mask (B, F)."""
         present = lengths > 0
-        rows = _rows(present)
+        rows, _ = _rows(present)
         sub = waves[rows, : self.n_samples]
         if sub.shape[1] < self.n_samples:
             sub = F.pad(sub, (0, self.n_samples - sub.shape[1]))
