@@ -117,6 +117,9 @@ def feature_cache(
     steps: int,
     repeats: int,
 ) -> dict[str, float]:
+    """Times cached against recomputed frozen encoders; prints the figures and returns them:
+    ``step_speedup`` (model step), ``load_speedup`` (step with its data), ``loss_diff`` (at
+    step 0) and ``encoder_share`` (the frozen encoders' part of an uncached step)."""
     cfg = _config(world, work, batch_size, extra)
     torch.manual_seed(0)
     processor, model = build_processor_and_model(cfg)
@@ -190,7 +193,12 @@ def feature_cache(
             f"{t[name + '+cache'] * 1e3:7.1f} ms [{med[name + '+cache'] * 1e3:7.1f}]  speed-up "
             f"{t[name] / t[name + '+cache']:.2f}x [{med[name] / med[name + '+cache']:.2f}x]"
         )
-    return t
+    return {
+        "step_speedup": t["model"] / t["model+cache"],
+        "load_speedup": t["all"] / t["all+cache"],
+        "loss_diff": abs(losses[0] - losses[1]),
+        "encoder_share": t["encoders"] / t["model"],
+    }
 
 
 @torch.no_grad()
@@ -199,7 +207,8 @@ def _encode_only(model, batch: Batch) -> None:
     model.encoders["audio"](batch.audio_values, batch.audio_lengths)
 
 
-def length_grouping(world: Path, batch_size: int) -> None:
+def length_grouping(world: Path, batch_size: int) -> dict[str, float]:
+    """Padding efficiency of one epoch per sampler, printed and returned by sampler name."""
     cfg = _config(world, Path(tempfile.mkdtemp()), batch_size)
     processor, _ = build_processor_and_model(cfg)
     print(f"== length grouping (the world's training records, batch {batch_size}) ==")
@@ -229,6 +238,44 @@ def length_grouping(world: Path, batch_size: int) -> None:
         f"token positions saved by grouping: "
         f"{1 - results['random'] / results['length_grouped']:.1%}"
     )
+    return results
+
+
+CONFIGS = {
+    "small": ("the small preset", []),
+    "vit_s": ("small preset, ViT-S-sized encoders (384 wide, 12 layers)", LARGER_ENCODERS),
+}
+
+
+def run(
+    repeats: int = 3,
+    records: int = 512,
+    batch_size: int = 32,
+    steps: int = 4,
+    small_only: bool = False,
+    work: Path | None = None,
+) -> dict[str, float]:
+    """Both measurements on a freshly generated world of ``records`` training records.
+
+    Returns ``<config>.step_speedup``, ``<config>.load_speedup``, ``<config>.loss_diff`` and
+    ``<config>.encoder_share`` for the configs ``small`` and (unless ``small_only``)
+    ``vit_s``, and ``padding.random`` and ``padding.length_grouped``.
+    """
+    if steps * batch_size > records:
+        raise ValueError("steps x batch_size must not exceed records")
+    work = work or Path(tempfile.mkdtemp(prefix="mmfuse-feature-cache-"))
+    world = work / "world"
+    size = WorldSize(n_train=records, n_val_per_task=1, n_test_per_task=1)
+    generate_world(world, seed=0, size=size, workers=1)
+    figures: dict[str, float] = {}
+    for name, (label, extra) in CONFIGS.items():
+        if small_only and name != "small":
+            continue
+        result = feature_cache(label, extra, world, work, batch_size, steps, repeats)
+        figures.update({f"{name}.{key}": value for key, value in result.items()})
+    padding = length_grouping(world, batch_size)
+    figures.update({f"padding.{sampler}": value for sampler, value in padding.items()})
+    return figures
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -245,20 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
-    work = args.work or Path(tempfile.mkdtemp(prefix="mmfuse-feature-cache-"))
-    world = work / "world"
-    size = WorldSize(n_train=args.records, n_val_per_task=1, n_test_per_task=1)
-    generate_world(world, seed=0, size=size, workers=1)
-    if args.steps * args.batch_size > args.records:
-        sys.exit("--steps x --batch-size must not exceed --records")
-    configs = [("the small preset", [])]
-    if not args.small_only:
-        configs.append(
-            ("small preset, ViT-S-sized encoders (384 wide, 12 layers)", LARGER_ENCODERS)
-        )
-    for label, extra in configs:
-        feature_cache(label, extra, world, work, args.batch_size, args.steps, args.repeats)
-    length_grouping(world, args.batch_size)
+    try:
+        run(args.repeats, args.records, args.batch_size, args.steps, args.small_only, args.work)
+    except ValueError as err:
+        sys.exit(str(err))
 
 
 if __name__ == "__main__":

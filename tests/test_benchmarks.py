@@ -7,16 +7,22 @@ import argparse
 import json
 import math
 import os
-import sys
-import types
 
 import pytest
 import torch
 from conftest import tiny_train_overrides
 
-from benchmarks import compute, data_pipeline, generation, memory, optimisations, overhead
+from benchmarks import (
+    compute,
+    data_pipeline,
+    feature_cache,
+    generation,
+    memory,
+    optimisations,
+    overhead,
+)
 from benchmarks.common import Report, build_model, compose_train, train_batches
-from benchmarks.run import _LOSS_DIFF, _SPEEDUP, add_feature_cache
+from benchmarks.run import add_feature_cache
 from benchmarks.run import main as bench_main
 from benchmarks.scaling import measure_scaling, plot
 
@@ -223,37 +229,28 @@ def test_bench_main_runs_sections_and_writes_results(world_dir, tmp_path):
     assert not [r for r in report.rows if r.key.endswith(".error")]
 
 
-def _feature_cache_args(tmp_path):
-    return argparse.Namespace(
-        repeats=2, out=str(tmp_path), feature_cache_args="", feature_cache_timeout=60
-    )
-
-
-def test_feature_cache_row_says_not_available_without_the_module(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "benchmarks.feature_cache", None)  # import fails
+def test_feature_cache_rows_hold_the_target_on_the_vit_s_encoders(monkeypatch):
+    figures = {"padding.random": 0.5, "padding.length_grouped": 0.85}
+    for name, step in (("small", 1.2), ("vit_s", 3.7)):
+        figures |= {f"{name}.step_speedup": step, f"{name}.load_speedup": step + 1,
+                    f"{name}.loss_diff": 0.0, f"{name}.encoder_share": 0.5}  # fmt: skip
+    calls = []
+    monkeypatch.setattr(feature_cache, "run", lambda **kw: calls.append(kw) or figures)
     report = Report()
-    add_feature_cache(report, _feature_cache_args(tmp_path))
-    assert [(r.key, r.value) for r in report.rows] == [("feature_cache.speedup", "not available")]
+    add_feature_cache(report, argparse.Namespace(repeats=2, feature_cache_small_only=False))
+    assert calls == [{"repeats": 2, "small_only": False}]
+    rows = {r.key: r for r in report.rows}
+    assert rows["feature_cache.vit_s.step_speedup"].holds is True
+    assert rows["feature_cache.small.step_speedup"].holds is None  # reported, no target
+    assert rows["feature_cache.small.loss_diff"].holds is True
+    assert rows["feature_cache.padding_length_grouped"].holds is True
 
 
-def test_feature_cache_figures_come_from_its_run_function(monkeypatch, tmp_path):
-    module = types.ModuleType("benchmarks.feature_cache")
-    module.run = lambda repeats: {"speedup": 2.5, "repeats": repeats, "times": [1.0, 2.0]}
-    monkeypatch.setitem(sys.modules, "benchmarks.feature_cache", module)
-    report = Report()
-    add_feature_cache(report, _feature_cache_args(tmp_path))
-    figures = {r.key: r.value for r in report.rows}
-    assert figures == {"feature_cache.speedup": 2.5, "feature_cache.repeats": 2}
-    assert report.extra["feature_cache.times"] == [1.0, 2.0]
-
-
-def test_feature_cache_speedups_are_read_from_printed_output():
-    out = (
-        "loss at step 0: encoders 6.1234567  cached 6.1234568  |diff| 1.00e-07  (required < 1e-5)\n"
-        "model step:           encoders   512.3 ms [ 520.1]  cached   300.2 ms [ 310.0]  "
-        "speed-up 1.71x [1.68x]\n"
-        "step with data load:  encoders   900.0 ms [ 910.0]  cached   400.0 ms [ 420.0]  "
-        "speed-up 2.25x [2.17x]\n"
+def test_feature_cache_run_measures_the_small_preset(tmp_path):
+    figures = feature_cache.run(
+        repeats=1, records=32, batch_size=8, steps=2, small_only=True, work=tmp_path
     )
-    assert _SPEEDUP.findall(out) == [("model step", "1.71"), ("step with data load", "2.25")]
-    assert _LOSS_DIFF.findall(out) == ["1.00e-07"]
+    assert figures["small.loss_diff"] < 1e-5
+    assert figures["small.step_speedup"] > 0 and 0 < figures["small.encoder_share"] < 1
+    assert "vit_s.step_speedup" not in figures
+    assert 0 < figures["padding.random"] <= figures["padding.length_grouped"] <= 1
