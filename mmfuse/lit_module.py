@@ -88,11 +88,17 @@ class MMFuseLitModule(LightningModule):
         return loss
 
     def _is_logging_step(self) -> bool:
-        """Whether Lightning's loggers write this step (every ``log_every_n_steps``), so the
-        training loss is read back from the device only then (always without a trainer)."""
+        """Whether to log the training loss this step: when Lightning's loggers write (every
+        ``log_every_n_steps``), on the last batch of an epoch and on the last step (so the
+        final metrics hold it), and always without a trainer. It is read back from the
+        device only on those steps."""
         if self._trainer is None:
             return True
-        return (self.trainer.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0
+        trainer = self.trainer
+        step = trainer.global_step + 1
+        last_step = trainer.max_steps is not None and 0 < trainer.max_steps <= step
+        on_interval = step % max(trainer.log_every_n_steps, 1) == 0
+        return on_interval or last_step or bool(trainer.is_last_batch)
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if dataloader_idx == 0:
