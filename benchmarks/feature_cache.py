@@ -209,7 +209,7 @@ def _encode_only(model, batch: Batch) -> None:
 
 def length_grouping(world: Path, batch_size: int) -> dict[str, float]:
     """Padding efficiency of one epoch per sampler, printed and returned by sampler name."""
-    cfg = _config(world, Path(tempfile.mkdtemp()), batch_size)
+    cfg = _config(world, world.parent / "length-grouping", batch_size)
     processor, _ = build_processor_and_model(cfg)
     print(f"== length grouping (the world's training records, batch {batch_size}) ==")
     results = {}
@@ -259,11 +259,14 @@ def run(
 
     Returns ``<config>.step_speedup``, ``<config>.load_speedup``, ``<config>.loss_diff`` and
     ``<config>.encoder_share`` for the configs ``small`` and (unless ``small_only``)
-    ``vit_s``, and ``padding.random`` and ``padding.length_grouped``.
+    ``vit_s``, and ``padding.random`` and ``padding.length_grouped``. ``work``: where the
+    world and the caches go (default: a temporary directory, removed at the end).
     """
     if steps * batch_size > records:
         raise ValueError("steps x batch_size must not exceed records")
-    work = work or Path(tempfile.mkdtemp(prefix="mmfuse-feature-cache-"))
+    if work is None:  # a temporary world and cache, removed afterwards
+        with tempfile.TemporaryDirectory(prefix="mmfuse-feature-cache-") as tmp:
+            return run(repeats, records, batch_size, steps, small_only, Path(tmp))
     world = work / "world"
     size = WorldSize(n_train=records, n_val_per_task=1, n_test_per_task=1)
     generate_world(world, seed=0, size=size, workers=1)
