@@ -43,9 +43,9 @@ from torch.utils.data import DataLoader
 
 from benchmarks.common import clone_state, make_optimizer, median, optimizer_params
 from mmfuse.freezing import apply_freezing
-from mmfuse.lit_module import MMFuseLitModule
 from mmfuse.loss import next_token_loss
 from mmfuse.model import MMFuseModel
+from mmfuse.train import build_lit_module
 from mmfuse.types import Batch
 
 
@@ -126,19 +126,6 @@ def quiet(log_file: Path | None = None) -> Iterator[None]:
         sink.close()
 
 
-def lightning_module(cfg: DictConfig, model: MMFuseModel, frozen: list[str]) -> MMFuseLitModule:
-    """The LightningModule as ``mmfuse.train.train`` builds it."""
-    return MMFuseLitModule(
-        model,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        weight_decay=cfg.weight_decay,
-        lr_scale=OmegaConf.to_container(cfg.lr_scale) if cfg.get("lr_scale") else None,
-        generation=instantiate(cfg.generation),
-        frozen=frozen,
-    )
-
-
 def lightning_trainer(cfg: DictConfig, steps: int, extra_callbacks: list[Callback]):
     """The configured Trainer (callbacks and loggers as ``mmfuse-train`` instantiates them),
     stopping after ``steps`` steps."""
@@ -165,7 +152,7 @@ def run_lightning(
     loader = DataLoader(_BatchList(batches), batch_size=None, collate_fn=_same)
     with quiet(log_file):
         trainer = lightning_trainer(cfg, len(batches), [clock])
-        trainer.fit(lightning_module(cfg, model, frozen), train_dataloaders=loader)
+        trainer.fit(build_lit_module(cfg, model, frozen), train_dataloaders=loader)
     return LoopRun(clock.start, clock.ends, [float(x) for x in clock.losses])
 
 
@@ -309,7 +296,7 @@ def measure_overhead(
         lockstep = _Lockstep(PlainLoop(cfg, twin, len(batches)), int(cfg.seed))
         with quiet(log_file):
             trainer = lightning_trainer(cfg, len(batches), [lockstep])
-            trainer.fit(lightning_module(cfg, model, frozen), train_dataloaders=loader)
+            trainer.fit(build_lit_module(cfg, model, frozen), train_dataloaders=loader)
         light = sum(lockstep.lightning_times[warmup:])
         plain = sum(lockstep.plain_times[warmup:])
         timed = len(batches) - warmup
@@ -414,7 +401,7 @@ def count_host_syncs(
     loader = DataLoader(_BatchList(batches), batch_size=None, collate_fn=_same)
     with quiet():
         trainer = lightning_trainer(cfg, len(batches), [window])
-        trainer.fit(lightning_module(cfg, model, frozen), train_dataloaders=loader)
+        trainer.fit(build_lit_module(cfg, model, frozen), train_dataloaders=loader)
     model.load_state_dict(start_state)
     calls = window.counter.calls
     steps = max(window.steps, 1)

@@ -20,6 +20,7 @@ from mmfuse.freezing import apply_freezing
 from mmfuse.launch import multirun_ddp_job
 from mmfuse.lit_module import MMFuseLitModule
 from mmfuse.lora import apply_lora, merge_lora
+from mmfuse.model import MMFuseModel
 from mmfuse.model_dir import (
     build_processor_and_model,
     load_weights,
@@ -64,16 +65,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("compile"):  # in place: parameter names, checkpoints and saving unchanged
         model.compile()
     datamodule = instantiate(cfg.data, processor=processor, _convert_="all")
-    module = MMFuseLitModule(
-        model,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        weight_decay=cfg.weight_decay,
-        # plain floats: the checkpoint's hyper-parameters must load with weights_only=True
-        lr_scale=OmegaConf.to_container(cfg.lr_scale) if cfg.get("lr_scale") else None,
-        generation=instantiate(cfg.generation),
-        frozen=frozen,
-    )
+    module = build_lit_module(cfg, model, frozen)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     if not loggers:  # the learning-rate monitor needs a logger to write to
@@ -96,6 +88,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("eval_after_fit"):  # e.g. experiment=world_sweep: every run scored
             evaluate_after_fit(cfg.eval_after_fit, model_dir)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def build_lit_module(cfg: DictConfig, model: MMFuseModel, frozen: list[str]) -> MMFuseLitModule:
+    """The LightningModule of a training run: ``model`` with the configured optimiser,
+    schedule, weight decay, learning-rate scales and validation decoding; ``frozen`` as
+    ``apply_freezing`` returned it."""
+    return MMFuseLitModule(
+        model,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        weight_decay=cfg.weight_decay,
+        # plain floats: the checkpoint's hyper-parameters must load with weights_only=True
+        lr_scale=OmegaConf.to_container(cfg.lr_scale) if cfg.get("lr_scale") else None,
+        generation=instantiate(cfg.generation),
+        frozen=frozen,
+    )
 
 
 def _plain(node: DictConfig | None) -> dict | None:
