@@ -31,6 +31,7 @@ def test_every_trainer_option_composes(trainer: str, compose_train, tmp_path: Pa
     [
         ["model=tiny"],
         ["model=tiny", "model/text=bert_tiny"],
+        ["model=tiny", "model/text=bag_of_words", "model.fusion.prompt=add"],
         ["model=tiny", "model/decoder=gpt2_tiny"],
         ["model=tiny", "~model/vision"],
         ["model=small"],
@@ -40,7 +41,7 @@ def test_model_presets_build(overrides: list[str], compose_train, tmp_path: Path
     cfg = compose_train([*overrides, f"paths.output_dir={tmp_path}"])
     processor, model = build_processor_and_model(cfg)
     expected = {"image", "audio"} - ({"image"} if "~model/vision" in overrides else set())
-    if "model/text=bert_tiny" in overrides:
+    if any(o.startswith("model/text=") for o in overrides):
         expected.add("text")
     assert set(model.encoders) == expected
     assert model.decoder.config.vocab_size == len(processor.tokenizer)

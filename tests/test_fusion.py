@@ -106,6 +106,46 @@ def test_prompt_makes_the_memory_instruction_aware():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("mode", ["add", "both"])
+def test_prompt_added_to_every_query(mode):
+    torch.manual_seed(0)
+    fusion = CrossAttentionFusion(["image", "text"], D, num_queries=M, num_layers=1, prompt=mode)
+    fusion.eval()
+    image = _tokens()["image"]
+    prompt_mask = torch.tensor([[True, True, False]] * 3)
+    words = torch.randn(3, 3, D)
+    out = fusion({"image": image, "text": ModalityTokens(words, prompt_mask)}).feats
+    # the queries start from the sum of the real words: their order makes no difference
+    # without attention to the prompt tokens; masked tokens never do
+    swapped = words[:, [1, 0, 2]].clone()
+    swapped[:, 2] = torch.randn(3, D) * 50
+    again = fusion({"image": image, "text": ModalityTokens(swapped, prompt_mask)}).feats
+    if mode == "add":
+        torch.testing.assert_close(again, out)
+    # a different question gives a different memory of the same image
+    other = fusion({"image": image, "text": ModalityTokens(words.flip(0), prompt_mask)}).feats
+    assert not torch.allclose(other[0], out[0], atol=1e-4)
+    # the same computation by hand: queries + word sum, then the block without the prompt
+    if mode == "add":
+        q = fusion.queries + (words[0, :2] + fusion.type_embed["text"]).sum(0)
+        ctx = torch.cat([fusion.null_token, image.feats[0] + fusion.type_embed["image"]])
+        keep = torch.ones(1, 1 + ctx.shape[0] - 1, dtype=torch.bool)
+        by_hand = fusion.norm(fusion.blocks[0](q[None], ctx[None], keep))
+        torch.testing.assert_close(by_hand[0], out[0])
+
+
+def test_query_std_sets_the_initial_query_size():
+    torch.manual_seed(0)
+    big = CrossAttentionFusion(["image"], 64, num_queries=32, query_std=1.0)
+    assert 0.9 < big.queries.std().item() < 1.1
+    assert CrossAttentionFusion(["image"], 64, num_queries=32).queries.std().item() < 0.03
+
+
+def test_unknown_prompt_mode_raises():
+    with pytest.raises(ValueError, match="fusion.prompt: 'sum' is not one of"):
+        CrossAttentionFusion(["image", "text"], D, prompt="sum")
+
+
 def test_every_parameter_gets_a_gradient(fusion):
     fusion.train()
     fusion(_tokens()).feats.sum().backward()

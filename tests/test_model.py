@@ -141,8 +141,12 @@ def test_every_trainable_parameter_gets_a_gradient(tmp_path, media, which):
                     assert (param.grad == 0).all()
 
 
-def test_text_encoder_model_handles_an_empty_prompt(tmp_path, media):
-    proc, model, _ = build_tiny(tmp_path, overrides=["model/text=bert_tiny"])
+@pytest.mark.parametrize(
+    "prompt_encoder",
+    [["model/text=bert_tiny"], ["model/text=bag_of_words", "model.fusion.prompt=add"]],
+)
+def test_text_encoder_model_handles_an_empty_prompt(tmp_path, media, prompt_encoder):
+    proc, model, _ = build_tiny(tmp_path, overrides=prompt_encoder)
     assert set(model.encoders) == {"image", "audio", "text"}
     records = [*mixed_records()[:2], record("blank", "", "red", image="a.png")]
     batch = collate(proc, records, media)

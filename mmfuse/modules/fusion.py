@@ -79,6 +79,16 @@ def typed_context(
     return torch.cat(feats, dim=1), torch.cat(masks, dim=1), prompt, prompt_mask
 
 
+PROMPT_MODES = ("attend", "add", "both")
+"""How ``CrossAttentionFusion`` uses the prompt: the queries ``attend`` to its tokens in every
+block, start from their sum (``add``), or both."""
+
+
+def prompt_sum(prompt: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """The sum of the real prompt tokens: prompt (B, P, D), mask (B, P) -> (B, 1, D)."""
+    return (prompt * prompt_mask[..., None].to(prompt.dtype)).sum(dim=1, keepdim=True)
+
+
 class FusionBlock(nn.Module):
     """Pre-norm block: queries self-attend (with the prompt tokens, if any), cross-attend to
     the media, then pass an MLP.
@@ -132,7 +142,9 @@ class CrossAttentionFusion(nn.Module):
     Each modality's tokens get a learned type embedding; one learned null token is always
     present so a record without any media still has something to attend to. A ``text``
     modality (the encoded prompt) is not media: the queries attend to it in their
-    self-attention, before each cross-attention to the media (instruction-aware fusion).
+    self-attention, before each cross-attention to the media (instruction-aware fusion), or
+    its tokens' sum is added to every query before the first block (``prompt="add"``, for
+    ``BagOfWordsEncoder`` tokens), or both.
 
     Args:
         modalities: the modality names this fusion receives, in any order.
@@ -142,6 +154,11 @@ class CrossAttentionFusion(nn.Module):
         num_heads: attention heads.
         mlp_ratio: MLP width over ``d_model``.
         dropout: dropout in attention and MLPs.
+        prompt: ``attend``, ``add`` or ``both`` (``PROMPT_MODES``); used only with a ``text``
+            modality.
+        query_std: standard deviation of the initial queries. With ``prompt="add"`` keep it
+            near the size of the added prompt sum: the pre-norm blocks see the queries through
+            a LayerNorm, so queries much smaller than the prompt all look alike.
     """
 
     def __init__(
@@ -153,10 +170,15 @@ class CrossAttentionFusion(nn.Module):
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
+        prompt: str = "attend",
+        query_std: float = 0.02,
     ) -> None:
         super().__init__()
+        if prompt not in PROMPT_MODES:
+            raise ValueError(f"fusion.prompt: {prompt!r} is not one of {PROMPT_MODES}")
         self.modalities = tuple(modalities)
-        self.queries = nn.Parameter(torch.randn(num_queries, d_model) * 0.02)
+        self.prompt_mode = prompt
+        self.queries = nn.Parameter(torch.randn(num_queries, d_model) * query_std)
         self.type_embed = type_embeddings(self.modalities, d_model)
         self.null_token = null_token(d_model)
         self.blocks = nn.ModuleList(
@@ -171,6 +193,10 @@ class CrossAttentionFusion(nn.Module):
             tokens, self.modalities, self.type_embed, self.null_token
         )  # (B, N, D), (B, N)
         q = self.queries.expand(batch, -1, -1)  # (B, M, D)
+        if prompt is not None and self.prompt_mode != "attend":
+            q = q + prompt_sum(prompt, prompt_mask)  # every query starts from the question
+            if self.prompt_mode == "add":
+                prompt = prompt_mask = None
         for block in self.blocks:
             q = block(q, ctx, mask, prompt, prompt_mask)
         q = self.norm(q)
