@@ -322,3 +322,39 @@ def test_official_client_raises_on_errors(client):
         client.chat.completions.create(
             model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=10_000
         )
+
+
+def test_a_short_row_is_answered_before_its_batch_ends(server, trained_run, world_dir):
+    from mmfuse.generation import GenerationConfig
+    from mmfuse.model_dir import load_model_dir
+    from mmfuse.serve.batcher import Job
+
+    _, batcher = server
+    _, processor = load_model_dir(trained_run / "model")
+    image, _ = world_media(world_dir)
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "path": str(image)},
+                {"type": "text", "text": "Describe the image."},
+            ],
+        }
+    ]
+    sample = processor.prompt(messages)
+    long_text: list[str] = []
+    long_text_at_short_answer: list[str] = []
+    short = Job(sample, GenerationConfig(max_new_tokens=1))
+    # high-temperature sampling: the long row keeps going (an end-of-turn is unlikely)
+    long_config = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=3.0, seed=0)
+    long = Job(sample, long_config, on_text=long_text.append)
+    short.future.add_done_callback(lambda _: long_text_at_short_answer.append("".join(long_text)))
+    before = len(batcher.batch_sizes)
+    batcher.submit(short)
+    batcher.submit(long)
+    assert short.future.result(timeout=60).completion_tokens == 1
+    assert short.future.result().finish_reason == "length"
+    assert long.future.result(timeout=60).completion_tokens > 2
+    assert batcher.batch_sizes[before:] == [2]
+    # the short row had its answer while the long row was still being generated
+    assert len(long_text_at_short_answer[0]) < len(long.future.result().text)

@@ -145,24 +145,33 @@ class DynamicBatcher:
             _RowText(j, lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) for j in jobs
         ]
         eos = tokenizer.eos_token_id
-        done = [False] * len(jobs)
+
+        def finish(row: _RowText, ended: bool) -> None:
+            """Resolves a row's future as soon as it ends, not when its whole batch does: its
+            client gets the answer (and may send the next request) while longer rows run on."""
+            if not row.job.future.done():
+                hit_limit = not ended and len(row.ids) >= row.job.config.max_new_tokens
+                row.job.future.set_result(row.finish("length" if hit_limit else "stop"))
 
         def on_tokens(token: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
-            for i, (row, value) in enumerate(zip(rows, token.tolist(), strict=True)):
-                if not done[i] and value != eos:
+            for row, value, ended in zip(rows, token.tolist(), finished.tolist(), strict=True):
+                if row.job.future.done():
+                    continue
+                if value != eos:
                     row.add(value)
-                done[i] = done[i] or bool(finished[i]) or row.stopped
+                if ended or row.stopped or len(row.ids) >= row.job.config.max_new_tokens:
+                    finish(row, ended)
             return torch.tensor([row.stopped for row in rows], device=finished.device)
 
         try:
             device = next(self.model.parameters()).device
             batch = self.collator([j.sample for j in jobs]).to(device)
             self.batch_sizes.append(len(jobs))
-            outputs = generate(self.model, batch, [j.config for j in jobs], on_tokens=on_tokens)
+            generate(self.model, batch, [j.config for j in jobs], on_tokens=on_tokens)
         except Exception as err:  # the error goes to every waiting request, not to the thread
             for job in jobs:
-                job.future.set_exception(err)
+                if not job.future.done():
+                    job.future.set_exception(err)
             return
-        for job, row, ids in zip(jobs, rows, outputs, strict=True):
-            hit_limit = len(ids) >= job.config.max_new_tokens
-            job.future.set_result(row.finish("length" if hit_limit else "stop"))
+        for row in rows:  # rows that never got a token (max_tokens of 0)
+            finish(row, False)
