@@ -59,7 +59,7 @@ def next_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def _pick(
+def pick_per_row(
     logits: torch.Tensor,
     configs: Sequence[GenerationConfig],
     generators: Sequence[torch.Generator | None],
@@ -163,7 +163,7 @@ def generate(
             if shared:
                 token = next_token(logits, configs[0], generators[0])  # (B,)
             else:
-                token = _pick(logits, configs, generators)
+                token = pick_per_row(logits, configs, generators)
             token = torch.where(finished, torch.full_like(token, pad), token)
             for row, value in enumerate(token.tolist()):
                 if not finished[row] and value != eos:

@@ -358,3 +358,46 @@ def test_a_short_row_is_answered_before_its_batch_ends(server, trained_run, worl
     assert batcher.batch_sizes[before:] == [2]
     # the short row had its answer while the long row was still being generated
     assert len(long_text_at_short_answer[0]) < len(long.future.result().text)
+
+
+def test_a_request_joins_the_rows_in_decoding(server, trained_run, world_dir):
+    from mmfuse.generation import GenerationConfig
+    from mmfuse.model_dir import load_model_dir
+    from mmfuse.serve.batcher import Job
+
+    _, batcher = server
+    assert batcher.continuous
+    _, processor = load_model_dir(trained_run / "model")
+    image, _ = world_media(world_dir)
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "path": str(image)},
+                {"type": "text", "text": "Describe the image."},
+            ],
+        }
+    ]
+    sample = processor.prompt(messages)
+    # made "long ago": due at once, it does not wait max_wait_ms for company
+    late = Job(sample, GenerationConfig(max_new_tokens=2), arrived=time.monotonic() - 60)
+    pieces: list[str] = []
+
+    def on_text(text: str) -> None:  # the late job comes once the long row is decoding
+        pieces.append(text)
+        if len(pieces) == 1:
+            batcher.submit(late)
+
+    config = GenerationConfig(max_new_tokens=40, do_sample=True, temperature=3.0, seed=1)
+    long = Job(sample, config, on_text=on_text)
+    before = len(batcher.batch_sizes)
+    batcher.submit(long)
+    late_answer = late.future.result(timeout=60)
+    streamed_by_then = len("".join(pieces))
+    assert long.future.result(timeout=60).completion_tokens > 10
+    # the late job was prefilled alone, then decoded in the same batch as the long row,
+    # and its answer came while the long row went on
+    assert batcher.batch_sizes[before:] == [1, 2]
+    assert streamed_by_then < len(long.future.result().text)
+    alone = Job(sample, GenerationConfig(max_new_tokens=2))
+    assert batcher.submit(alone).result(timeout=60).text == late_answer.text

@@ -1,8 +1,10 @@
-"""Dynamic batching: requests that arrive close together are generated as one batch.
+"""Dynamic batching: concurrent requests are decoded together.
 
-One worker thread owns the model. It takes the first waiting job, then gathers more until the
-batch is full or ``max_wait_ms`` has passed, and decodes them together with one decoding
-config per row (so a seeded request gives the same answer alone or in company).
+One worker thread owns the model. Waiting jobs are prefilled together once they fill the free
+rows or the oldest has waited ``max_wait_ms``; they then join the rows in decoding between two
+steps (continuous batching), and each row leaves, with its answer, as soon as it ends. Every
+row has its own decoding config and generator, so a seeded request gives the same answer alone
+or in company.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import torch
 
 from mmfuse.generation import GenerationConfig, generate
 from mmfuse.model import MMFuseModel
+from mmfuse.modules.conditioning import PrefixConditioning
 from mmfuse.processing.collate import Collator
+from mmfuse.running_batch import RunningBatch
 from mmfuse.types import Sample
 
 
@@ -41,6 +45,7 @@ class Job:
         stop: strings that end it; the text is cut before the first one.
         on_text: receives new text as it is produced (from the worker thread).
         future: resolves to a ``Completion`` (or to the error that stopped the batch).
+        arrived: when it was made (``time.monotonic``), for the batching wait.
     """
 
     sample: Sample
@@ -48,6 +53,7 @@ class Job:
     stop: list[str] = field(default_factory=list)
     on_text: Callable[[str], None] | None = None
     future: Future = field(default_factory=Future)
+    arrived: float = field(default_factory=time.monotonic)
 
 
 class _RowText:
@@ -91,11 +97,18 @@ class _RowText:
 class DynamicBatcher:
     """Runs generation jobs on a worker thread, in batches.
 
+    Continuous batching (``RunningBatch``): between any two decoding steps, waiting jobs join
+    the rows in decoding (up to ``max_batch_size``) and finished rows leave, so a short answer
+    never waits for a long one. Beam search, and models whose conditioning is cross-attention,
+    are decoded as static batches (``generate``): the batch ends with its longest row.
+
     Args:
         model: the model (eval mode).
         collator: a left-padding collator for prompts.
-        max_batch_size: most rows generated together.
-        max_wait_ms: how long the first job of a batch waits for company.
+        max_batch_size: most rows decoded together.
+        max_wait_ms: how long a job may wait for company before it is prefilled (with others
+            that came meanwhile) and joins the rows in decoding.
+        continuous: join and leave between steps (where the model allows it).
     """
 
     def __init__(
@@ -104,13 +117,17 @@ class DynamicBatcher:
         collator: Collator,
         max_batch_size: int = 8,
         max_wait_ms: float = 10,
+        continuous: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"batching.max_batch_size must be at least 1, got {max_batch_size}")
         self.model, self.collator = model, collator
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
+        self.continuous = continuous and isinstance(model.conditioning, PrefixConditioning)
         self.queue: queue.Queue[Job | None] = queue.Queue()
-        self.batch_sizes: list[int] = []  # rows of every batch run, for tests and benchmarks
+        # rows decoded together after each admission (or static batch), for tests and benchmarks
+        self.batch_sizes: list[int] = []
+        self._eos = model.tokenizer.eos_token_id
         self._thread = threading.Thread(target=self._loop, name="mmfuse-batcher", daemon=True)
         self._thread.start()
 
@@ -122,29 +139,84 @@ class DynamicBatcher:
         self.queue.put(None)
         self._thread.join(timeout=30)
 
-    def _loop(self) -> None:
-        while True:
-            first = self.queue.get()
-            if first is None:
-                return
-            jobs, deadline = [first], time.monotonic() + self.max_wait
-            while len(jobs) < self.max_batch_size:
-                try:
-                    job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if job is None:
-                    self.queue.put(None)  # stop after this batch
-                    break
-                jobs.append(job)
-            self._run(jobs)
-
-    def _run(self, jobs: list[Job]) -> None:
+    def _row(self, job: Job) -> _RowText:
         tokenizer = self.model.tokenizer
-        rows = [
-            _RowText(j, lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) for j in jobs
-        ]
-        eos = tokenizer.eos_token_id
+        return _RowText(job, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+
+    def _due(self, waiting: list[Job], free: int) -> bool:
+        """Whether to start the waiting jobs now: they fill the free rows, or the oldest has
+        waited ``max_wait_ms`` (prefilling jobs together costs far less than one by one)."""
+        return len(waiting) >= free or time.monotonic() - waiting[0].arrived >= self.max_wait
+
+    def _loop(self) -> None:
+        running, rows, waiting = RunningBatch(self.model), [], []
+        stopping = False
+        while rows or waiting or not stopping:
+            if not stopping:
+                if not rows and not waiting:  # idle: sleep until a job comes
+                    waiting.append(self.queue.get())
+                elif not rows and len(waiting) < self.max_batch_size:  # company, until due
+                    timeout = waiting[0].arrived + self.max_wait - time.monotonic()
+                    try:
+                        waiting.append(self.queue.get(timeout=max(0.0, timeout)))
+                    except queue.Empty:
+                        pass
+                while True:
+                    try:
+                        waiting.append(self.queue.get_nowait())
+                    except queue.Empty:
+                        break
+                if None in waiting:  # close(): finish what came before, take nothing after
+                    waiting, stopping = waiting[: waiting.index(None)], True
+            free = self.max_batch_size - len(rows)
+            jobs: list[Job] = []
+            if waiting and free > 0 and (stopping or self._due(waiting, free)):
+                jobs, waiting = waiting[:free], waiting[free:]
+            elif not rows:
+                continue
+            static = [j for j in jobs if not self.continuous or j.config.num_beams > 1]
+            if static:
+                self._run_static(static)
+            joining = [j for j in jobs if j not in static]
+            try:
+                if joining:
+                    batch = self.collator([j.sample for j in joining])
+                    batch = batch.to(next(self.model.parameters()).device)
+                    new_rows = [self._row(j) for j in joining]
+                    first = running.join(batch, [j.config for j in joining])
+                    rows += new_rows
+                    self.batch_sizes.append(len(rows))
+                    self._retire(running, rows, [None] * (len(rows) - len(first)) + first)
+                if rows:
+                    self._retire(running, rows, running.step())
+            except Exception as err:  # the error goes to every row in decoding, not the thread
+                for job in [*joining, *(r.job for r in rows)]:
+                    if not job.future.done():
+                        job.future.set_exception(err)
+                running, rows = RunningBatch(self.model), []
+
+    def _retire(self, running: RunningBatch, rows: list[_RowText], tokens: list) -> None:
+        """Adds each row's new token (None: none this time); rows that end get their answer
+        and leave the running batch."""
+        ended = []
+        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            if token is None:
+                continue
+            if token == self._eos:
+                row.job.future.set_result(row.finish("stop"))
+                ended.append(i)
+                continue
+            row.add(token)
+            if row.stopped or len(row.ids) >= row.job.config.max_new_tokens:
+                row.job.future.set_result(row.finish("length"))
+                ended.append(i)
+        running.leave(ended)
+        rows[:] = [row for i, row in enumerate(rows) if i not in set(ended)]
+
+    def _run_static(self, jobs: list[Job]) -> None:
+        """Generates ``jobs`` as one static batch (``generate``)."""
+        rows = [self._row(j) for j in jobs]
+        eos = self._eos
 
         def finish(row: _RowText, ended: bool) -> None:
             """Resolves a row's future as soon as it ends, not when its whole batch does: its

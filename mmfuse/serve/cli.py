@@ -25,7 +25,10 @@ def build_server(cfg: DictConfig) -> tuple[FastAPI, DynamicBatcher]:
         torch.set_num_threads(cfg.threads)
     model, processor = load_model_dir(cfg.ckpt, cfg.device)
     collator = Collator(processor.tokenizer.pad_token_id, "left", processor.image.size)
-    batcher = DynamicBatcher(model, collator, cfg.batching.max_batch_size, cfg.batching.max_wait_ms)
+    batching = cfg.batching
+    batcher = DynamicBatcher(
+        model, collator, batching.max_batch_size, batching.max_wait_ms, batching.continuous
+    )
     settings = ServerSettings(
         model_name=cfg.model_name or Path(cfg.ckpt).resolve().name,
         api_key=cfg.api_key,
