@@ -2,10 +2,10 @@
 
 With ``CrossAttentionFusion(prompt="add")`` the sum of a prompt's word vectors is added to
 every fusion query, so each query starts out knowing the question ("the *red* one", "what
-*shape*") before it looks at the media. On the built-in world this is what makes a model
-find the shape a question names by its colour (``image/shape``, ``image/where``): queries
-that only attend to contextual prompt tokens plateau at the no-binding ceiling of that task
-(README, "What the demo model learns").
+*shape*") before it looks at the media. On the built-in world's lookup set ("What shape is
+the {colour} one?") this is what lets a model find the shape a question names: queries that
+only attend to contextual prompt tokens plateau at the score of a model that cannot bind
+(README, "What the demo gives").
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ class BagOfWordsEncoder(nn.Module):
     Args:
         tokenizer: the decoder's tokenizer (the encoder reads the same ids).
         d_model: fusion width.
-        init_std: standard deviation of the initial word vectors. Large (1.0) by default:
-            summed into the fusion queries, distinct words must start far apart.
+        init_std: standard deviation of the initial word vectors: large, so that distinct
+            questions start far apart. Summed into the fusion queries, the sum should be
+            about the size of the queries (``CrossAttentionFusion(query_std=...)``); the demo
+            uses 0.35 with queries at 1.0.
         vocab_size: embedding rows when they differ from ``len(tokenizer)``.
     """
 
