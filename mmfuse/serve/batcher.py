@@ -148,26 +148,34 @@ class DynamicBatcher:
         waited ``max_wait_ms`` (prefilling jobs together costs far less than one by one)."""
         return len(waiting) >= free or time.monotonic() - waiting[0].arrived >= self.max_wait
 
+    def _collect(self, waiting: list[Job], decoding: bool) -> bool:
+        """Moves queued jobs to ``waiting``: with nothing in decoding, first sleeping until a
+        job comes or, when some wait, until the oldest is due or more come; else only what is
+        queued now. Returns whether ``close()`` was called (jobs after it are not taken)."""
+        if not decoding and not waiting:
+            waiting.append(self.queue.get())
+        elif not decoding and len(waiting) < self.max_batch_size:
+            timeout = waiting[0].arrived + self.max_wait - time.monotonic()
+            try:
+                waiting.append(self.queue.get(timeout=max(0.0, timeout)))
+            except queue.Empty:
+                pass
+        while True:
+            try:
+                waiting.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        if None in waiting:
+            del waiting[waiting.index(None) :]
+            return True
+        return False
+
     def _loop(self) -> None:
         running, rows, waiting = RunningBatch(self.model), [], []
         stopping = False
         while rows or waiting or not stopping:
             if not stopping:
-                if not rows and not waiting:  # idle: sleep until a job comes
-                    waiting.append(self.queue.get())
-                elif not rows and len(waiting) < self.max_batch_size:  # company, until due
-                    timeout = waiting[0].arrived + self.max_wait - time.monotonic()
-                    try:
-                        waiting.append(self.queue.get(timeout=max(0.0, timeout)))
-                    except queue.Empty:
-                        pass
-                while True:
-                    try:
-                        waiting.append(self.queue.get_nowait())
-                    except queue.Empty:
-                        break
-                if None in waiting:  # close(): finish what came before, take nothing after
-                    waiting, stopping = waiting[: waiting.index(None)], True
+                stopping = self._collect(waiting, decoding=bool(rows))
             free = self.max_batch_size - len(rows)
             jobs: list[Job] = []
             if waiting and free > 0 and (stopping or self._due(waiting, free)):
