@@ -71,6 +71,18 @@ def pick_per_row(
     return torch.cat([next_token(logits[r : r + 1], c, g) for r, (c, g) in enumerate(pairs)])
 
 
+def seeded_generators(
+    configs: Sequence[GenerationConfig], device: torch.device
+) -> list[torch.Generator | None]:
+    """A generator seeded with each config's seed where it samples with one, else None."""
+    return [
+        torch.Generator(device=device).manual_seed(c.seed)
+        if c.do_sample and c.seed is not None
+        else None
+        for c in configs
+    ]
+
+
 def decoder_step(
     decoder: PreTrainedModel,
     embeds: torch.Tensor,
@@ -145,12 +157,7 @@ def generate(
     embeds, mask, positions = inputs.embeds, inputs.attention_mask, inputs.position_ids
     device = embeds.device
     shared = isinstance(config, GenerationConfig)
-    generators = [  # one for the batch, or one per row
-        torch.Generator(device=device).manual_seed(c.seed)
-        if c.do_sample and c.seed is not None
-        else None
-        for c in (configs[:1] if shared else configs)
-    ]
+    generators = seeded_generators(configs[:1] if shared else configs, device)  # batch or rows
     limits = torch.tensor([c.max_new_tokens for c in configs], device=device)  # (B,)
     finished = limits <= 0  # (B,)
     out: list[list[int]] = [[] for _ in range(rows)]

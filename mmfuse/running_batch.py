@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from mmfuse.generation import GenerationConfig, decoder_step, pick_per_row
+from mmfuse.generation import GenerationConfig, decoder_step, pick_per_row, seeded_generators
 from mmfuse.model import MMFuseModel
 from mmfuse.types import Batch
 
@@ -51,13 +51,7 @@ class RunningBatch:
         if inputs.memory is not None:
             raise ValueError("continuous batching needs prefix conditioning (model.conditioning)")
         configs = list(configs)
-        device = inputs.embeds.device
-        generators = [
-            torch.Generator(device=device).manual_seed(c.seed)
-            if c.do_sample and c.seed is not None
-            else None
-            for c in configs
-        ]
+        generators = seeded_generators(configs, inputs.embeds.device)
         logits, cache = decoder_step(  # (b, V)
             model.decoder, inputs.embeds, inputs.attention_mask, inputs.position_ids, None
         )
