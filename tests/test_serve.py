@@ -23,7 +23,12 @@ from PIL import Image
 
 from mmfuse.chat import chat
 from mmfuse.config import CONFIG_DIR
+from mmfuse.generation import GenerationConfig
+from mmfuse.model_dir import load_model_dir
+from mmfuse.processing.collate import Collator
+from mmfuse.serve.batcher import DynamicBatcher, Job
 from mmfuse.serve.cli import build_server
+from mmfuse.types import Sample
 
 KEY = "sk-test-key"
 NAME = "tiny"
@@ -324,24 +329,21 @@ def test_official_client_raises_on_errors(client):
         )
 
 
-def test_a_short_row_is_answered_before_its_batch_ends(server, trained_run, world_dir):
-    from mmfuse.generation import GenerationConfig
-    from mmfuse.model_dir import load_model_dir
-    from mmfuse.serve.batcher import Job
-
-    _, batcher = server
+@pytest.fixture(scope="module")
+def describe_image(trained_run: Path, world_dir: Path) -> Sample:
+    """The processed prompt "Describe the image." about a world image (for batcher jobs)."""
     _, processor = load_model_dir(trained_run / "model")
     image, _ = world_media(world_dir)
-    messages = [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image", "path": str(image)},
-                {"type": "text", "text": "Describe the image."},
-            ],
-        }
+    content = [
+        {"type": "image", "path": str(image)},
+        {"type": "text", "text": "Describe the image."},
     ]
-    sample = processor.prompt(messages)
+    return processor.prompt([{"role": "user", "content": content}])
+
+
+def _short_and_long(batcher: DynamicBatcher, sample: Sample) -> tuple[Job, Job, list[str]]:
+    """Submits together a one-token job and a long sampled one; returns both and the long
+    one's text as streamed when the short one had its answer."""
     long_text: list[str] = []
     long_text_at_short_answer: list[str] = []
     short = Job(sample, GenerationConfig(max_new_tokens=1))
@@ -349,36 +351,49 @@ def test_a_short_row_is_answered_before_its_batch_ends(server, trained_run, worl
     long_config = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=3.0, seed=0)
     long = Job(sample, long_config, on_text=long_text.append)
     short.future.add_done_callback(lambda _: long_text_at_short_answer.append("".join(long_text)))
-    before = len(batcher.batch_sizes)
     batcher.submit(short)
     batcher.submit(long)
-    assert short.future.result(timeout=60).completion_tokens == 1
+    short.future.result(timeout=60)
+    long.future.result(timeout=60)
+    return short, long, long_text_at_short_answer
+
+
+def test_a_short_row_is_answered_before_its_batch_ends(server, describe_image):
+    _, batcher = server
+    before = len(batcher.batch_sizes)
+    short, long, long_text_at_short_answer = _short_and_long(batcher, describe_image)
+    assert short.future.result().completion_tokens == 1
     assert short.future.result().finish_reason == "length"
-    assert long.future.result(timeout=60).completion_tokens > 2
+    assert long.future.result().completion_tokens > 2
     assert batcher.batch_sizes[before:] == [2]
     # the short row had its answer while the long row was still being generated
     assert len(long_text_at_short_answer[0]) < len(long.future.result().text)
 
 
-def test_a_request_joins_the_rows_in_decoding(server, trained_run, world_dir):
-    from mmfuse.generation import GenerationConfig
-    from mmfuse.model_dir import load_model_dir
-    from mmfuse.serve.batcher import Job
+def test_static_batches_answer_rows_as_they_end_too(server, trained_run, describe_image):
+    """``continuous=False`` (what cross-attention models get): one ``generate`` call per
+    batch, each answer still sent when its row ends, and the same answers."""
+    _, continuous = server
+    model, processor = load_model_dir(trained_run / "model")
+    collator = Collator(processor.tokenizer.pad_token_id, "left", processor.image.size)
+    static = DynamicBatcher(
+        model.eval(), collator, max_batch_size=8, max_wait_ms=50, continuous=False
+    )
+    try:
+        short, long, long_text_at_short_answer = _short_and_long(static, describe_image)
+    finally:
+        static.close()
+    assert not static.continuous and static.batch_sizes == [2]
+    assert short.future.result().completion_tokens == 1
+    assert len(long_text_at_short_answer[0]) < len(long.future.result().text)
+    _, same_long, _ = _short_and_long(continuous, describe_image)
+    assert long.future.result() == same_long.future.result()
 
+
+def test_a_request_joins_the_rows_in_decoding(server, describe_image):
     _, batcher = server
     assert batcher.continuous
-    _, processor = load_model_dir(trained_run / "model")
-    image, _ = world_media(world_dir)
-    messages = [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image", "path": str(image)},
-                {"type": "text", "text": "Describe the image."},
-            ],
-        }
-    ]
-    sample = processor.prompt(messages)
+    sample = describe_image
     # made "long ago": due at once, it does not wait max_wait_ms for company
     late = Job(sample, GenerationConfig(max_new_tokens=2), arrived=time.monotonic() - 60)
     pieces: list[str] = []

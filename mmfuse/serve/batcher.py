@@ -99,8 +99,9 @@ class DynamicBatcher:
 
     Continuous batching (``RunningBatch``): between any two decoding steps, waiting jobs join
     the rows in decoding (up to ``max_batch_size``) and finished rows leave, so a short answer
-    never waits for a long one. Beam search, and models whose conditioning is cross-attention,
-    are decoded as static batches (``generate``): the batch ends with its longest row.
+    never waits for a long one. Models whose conditioning is cross-attention are decoded in
+    static batches (``generate``): the batch ends with its longest row (each answer is still
+    sent when its row ends).
 
     Args:
         model: the model (eval mode).
@@ -182,65 +183,57 @@ class DynamicBatcher:
                 jobs, waiting = waiting[:free], waiting[free:]
             elif not rows:
                 continue
-            static = [j for j in jobs if not self.continuous or j.config.num_beams > 1]
-            if static:
-                self._run_static(static)
-            joining = [j for j in jobs if j not in static]
+            if not self.continuous:
+                self._run_static(jobs)
+                continue
             try:
-                if joining:
-                    batch = self.collator([j.sample for j in joining])
+                if jobs:  # they join the rows in decoding
+                    batch = self.collator([j.sample for j in jobs])
                     batch = batch.to(next(self.model.parameters()).device)
-                    new_rows = [self._row(j) for j in joining]
-                    first = running.join(batch, [j.config for j in joining])
+                    new_rows = [self._row(j) for j in jobs]
+                    first = running.join(batch, [j.config for j in jobs])
                     rows += new_rows
                     self.batch_sizes.append(len(rows))
                     self._retire(running, rows, [None] * (len(rows) - len(first)) + first)
                 if rows:
                     self._retire(running, rows, running.step())
             except Exception as err:  # the error goes to every row in decoding, not the thread
-                for job in [*joining, *(r.job for r in rows)]:
+                for job in [*jobs, *(r.job for r in rows)]:
                     if not job.future.done():
                         job.future.set_exception(err)
                 running, rows = RunningBatch(self.model), []
 
+    def _take(self, row: _RowText, token: int) -> bool:
+        """Adds a row's new token. When the row ends (end of turn, a stop string or its token
+        limit) its answer is sent at once, not when its batch ends: returns True."""
+        if token == self._eos:
+            row.job.future.set_result(row.finish("stop"))
+            return True
+        row.add(token)
+        if row.stopped or len(row.ids) >= row.job.config.max_new_tokens:
+            row.job.future.set_result(row.finish("length"))
+            return True
+        return False
+
     def _retire(self, running: RunningBatch, rows: list[_RowText], tokens: list) -> None:
-        """Adds each row's new token (None: none this time); rows that end get their answer
-        and leave the running batch."""
-        ended = []
-        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
-            if token is None:
-                continue
-            if token == self._eos:
-                row.job.future.set_result(row.finish("stop"))
-                ended.append(i)
-                continue
-            row.add(token)
-            if row.stopped or len(row.ids) >= row.job.config.max_new_tokens:
-                row.job.future.set_result(row.finish("length"))
-                ended.append(i)
-        running.leave(ended)
-        rows[:] = [row for i, row in enumerate(rows) if i not in set(ended)]
+        """Adds each row's new token (None: none this time); rows that end leave the running
+        batch."""
+        ended = {
+            i
+            for i, (row, token) in enumerate(zip(rows, tokens, strict=True))
+            if token is not None and self._take(row, token)
+        }
+        running.leave(sorted(ended))
+        rows[:] = [row for i, row in enumerate(rows) if i not in ended]
 
     def _run_static(self, jobs: list[Job]) -> None:
         """Generates ``jobs`` as one static batch (``generate``)."""
         rows = [self._row(j) for j in jobs]
-        eos = self._eos
-
-        def finish(row: _RowText, ended: bool) -> None:
-            """Resolves a row's future as soon as it ends, not when its whole batch does: its
-            client gets the answer (and may send the next request) while longer rows run on."""
-            if not row.job.future.done():
-                hit_limit = not ended and len(row.ids) >= row.job.config.max_new_tokens
-                row.job.future.set_result(row.finish("length" if hit_limit else "stop"))
 
         def on_tokens(token: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
-            for row, value, ended in zip(rows, token.tolist(), finished.tolist(), strict=True):
-                if row.job.future.done():
-                    continue
-                if value != eos:
-                    row.add(value)
-                if ended or row.stopped or len(row.ids) >= row.job.config.max_new_tokens:
-                    finish(row, ended)
+            for row, value in zip(rows, token.tolist(), strict=True):
+                if not row.job.future.done():  # an ended row gets padding from here on
+                    self._take(row, value)
             return torch.tensor([row.stopped for row in rows], device=finished.device)
 
         try:
@@ -254,4 +247,5 @@ class DynamicBatcher:
                     job.future.set_exception(err)
             return
         for row in rows:  # rows that never got a token (max_tokens of 0)
-            finish(row, False)
+            if not row.job.future.done():
+                row.job.future.set_result(row.finish("length"))
