@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmfuse.modules.encoders import _rows, _scatter
 from mmfuse.types import Batch, EncoderFeatures, ModalityTokens
 
 
@@ -43,13 +44,10 @@ def run_encoder(
 def project_features(encoder: nn.Module, cached: EncoderFeatures) -> ModalityTokens:
     """Cached pre-projection features (B, N, D') -> ``encoder.proj`` tokens (B, N, D)."""
     feats, mask, present = cached
-    rows = present.nonzero().squeeze(1)
-    if not rows.numel():  # no record has it: one dummy row, masked out
-        rows = torch.zeros(1, dtype=torch.long, device=present.device)
+    rows, _ = _rows(present)  # no record has it: one dummy row, masked out
     proj = encoder.proj
     sub = proj(feats[rows].to(proj.weight.dtype))  # (b, N, D)
-    full = sub.new_zeros((feats.shape[0], *sub.shape[1:])).index_copy(0, rows, sub)
-    return ModalityTokens(full, mask & present[:, None])
+    return ModalityTokens(_scatter(sub, rows, feats.shape[0]), mask & present[:, None])
 
 
 def encode_audio_chunks(
