@@ -23,9 +23,9 @@ from data_modules.converters.common import (
     Bad,
     Converted,
     Item,
+    caption_records,
     cell,
     media_part,
-    qa_record,
     read_csv,
 )
 
@@ -71,12 +71,8 @@ def records(
         except Bad as bad:
             yield bad.row(path, where)
             continue
-        references = [caption for _, caption in captions]
         audio = [media_part("audio", root, file_name)]
-        if not per_caption:
-            record = qa_record(file_name, task or TASK, audio, prompt, references[0], references)
-            yield Converted(path, where, record)
-            continue
-        for k, caption in captions:
-            record = qa_record(f"{file_name}#{k}", task or TASK, audio, prompt, caption, references)
+        numbered = [(f"{file_name}#{k}", caption) for k, caption in captions]
+        task_name = task or TASK
+        for record in caption_records(file_name, task_name, audio, prompt, numbered, per_caption):
             yield Converted(path, where, record)

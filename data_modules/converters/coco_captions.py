@@ -24,9 +24,9 @@ from data_modules.converters.common import (
     Bad,
     Converted,
     Item,
+    caption_records,
     json_list,
     media_part,
-    qa_record,
     read_json,
     required_text,
     source_id,
@@ -124,11 +124,5 @@ def _image_records(
     ]
     if not found:
         raise Bad(EMPTY_ANSWER, f"image {image_id} has no non-empty caption")
-    references = [caption for _, caption in found]
     image = [media_part("image", root, file_name)]
-    if not per_caption:
-        return [qa_record(image_id, task or TASK, image, prompt, references[0], references)]
-    return [
-        qa_record(caption_id, task or TASK, image, prompt, caption, references)
-        for caption_id, caption in found
-    ]
+    return caption_records(image_id, task or TASK, image, prompt, found, per_caption)

@@ -141,6 +141,26 @@ def qa_record(
     return record
 
 
+def caption_records(
+    item_id: str,
+    task: str,
+    media: Sequence[dict],
+    prompt: str,
+    captions: Sequence[tuple[str, str]],
+    per_caption: bool,
+) -> list[dict]:
+    """The records of one captioned item: one answered by its first caption, or with
+    ``per_caption`` one per ``(caption id, caption)``; every record lists all the captions
+    as its references."""
+    references = [caption for _, caption in captions]
+    if not per_caption:
+        return [qa_record(item_id, task, media, prompt, references[0], references)]
+    return [
+        qa_record(caption_id, task, media, prompt, caption, references)
+        for caption_id, caption in captions
+    ]
+
+
 def required_text(value: object, field: str, empty_reason: str = EMPTY_ANSWER) -> str:
     """``value`` stripped; ``Bad`` when it is missing, not a string or empty."""
     if value is None:
