@@ -122,6 +122,13 @@ def load_model_dir(
     return model.to(device).eval(), processor
 
 
+def load_processor_dir(path: str | Path) -> Processor:
+    """The processor of a model directory alone (no weights read): for a process that
+    prepares inputs for a model running elsewhere (``mmfuse.serve.engine``)."""
+    cfg = resolve_processor_config(read_model_dir_config(path))
+    return instantiate(cfg.processor, _convert_="all")
+
+
 def read_model_dir_config(path: str | Path) -> DictConfig:
     """The ``model`` and ``processor`` configs saved in a model directory, resolved.
 

@@ -19,7 +19,7 @@ from PIL import Image
 import mmfuse.config
 from data_modules import world
 from mmfuse.model import MMFuseModel
-from mmfuse.model_dir import build_processor_and_model
+from mmfuse.model_dir import build_processor_and_model, load_processor_dir
 from mmfuse.processing.audio import AudioProcessor
 from mmfuse.processing.collate import Collator
 from mmfuse.processing.image import ImageProcessor
@@ -250,3 +250,13 @@ def world_media(world: Path) -> tuple[Path, Path]:
     )
     parts = record["messages"][0]["content"]
     return world / parts[0]["path"], world / parts[1]["path"]
+
+
+def world_prompt(model_dir: Path, world: Path, text: str, audio: bool = False) -> Sample:
+    """``text`` about the image (and with ``audio`` the clip) of ``world_media``, processed
+    for generation by the processor of ``model_dir``."""
+    image_path, audio_path = world_media(world)
+    content = [{"type": "image", "path": str(image_path)}]
+    content += [{"type": "audio", "path": str(audio_path)}] if audio else []
+    content.append({"type": "text", "text": text})
+    return load_processor_dir(model_dir).prompt([{"role": "user", "content": content}])

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -17,7 +18,7 @@ import openai
 import pytest
 import soundfile as sf
 import uvicorn
-from helpers import world_media
+from helpers import world_media, world_prompt
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -28,6 +29,7 @@ from mmfuse.model_dir import load_model_dir
 from mmfuse.processing.collate import Collator
 from mmfuse.serve.batcher import DynamicBatcher, Job
 from mmfuse.serve.cli import build_server
+from mmfuse.serve.engine import EngineProcess
 from mmfuse.types import Sample
 
 KEY = "sk-test-key"
@@ -35,8 +37,8 @@ NAME = "tiny"
 BODY_LIMIT = 400_000
 
 
-@pytest.fixture(scope="module")
-def server(trained_run: Path, world_dir: Path):
+@contextmanager
+def live_server(trained_run: Path, world_dir: Path, *overrides: str):
     """A live server on a free loopback port; yields (base URL, batcher)."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
@@ -53,6 +55,7 @@ def server(trained_run: Path, world_dir: Path):
                 "media.max_image_pixels=100000",
                 "media.max_audio_seconds=2.0",
                 f"media.local_dir={world_dir}",
+                *overrides,
             ],
         )
     app, batcher = build_server(cfg)
@@ -65,10 +68,19 @@ def server(trained_run: Path, world_dir: Path):
     deadline = time.monotonic() + 30
     while not uv.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", batcher
-    uv.should_exit = True
-    thread.join(timeout=10)
-    batcher.close()
+    try:
+        yield f"http://127.0.0.1:{port}", batcher
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
+        batcher.close()
+
+
+@pytest.fixture(scope="module")
+def server(trained_run: Path, world_dir: Path):
+    """The server with its batcher on a thread of this process (the tests read the batcher)."""
+    with live_server(trained_run, world_dir) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +191,28 @@ def test_streaming_gives_the_same_text(client, world_dir):
     finals = [reason for reason in finals if reason]
     assert finals == [whole.choices[0].finish_reason]
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_the_engine_process_serves_the_same_answers(client, trained_run, world_dir):
+    """With ``batching.separate_process`` (the model in a child process,
+    mmfuse/serve/engine.py) the server streams what the single-process server answers,
+    sampled and seeded included."""
+    image, audio = world_media(world_dir)
+    messages = [{"role": "user", "content": _content("Describe the image.", image, audio)}]
+    settings = {"temperature": 1.5, "seed": 4, "max_tokens": 12}
+    expected = client.chat.completions.create(model=NAME, messages=messages, **settings)
+    with live_server(trained_run, world_dir, "batching.separate_process=true") as (url, engine):
+        assert isinstance(engine, EngineProcess)
+        other = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        chunks = other.chat.completions.create(
+            model=NAME, messages=messages, stream=True, n=2, **settings
+        )
+        texts = ["", ""]
+        for chunk in chunks:
+            for choice in chunk.choices:
+                texts[choice.index] += choice.delta.content or ""
+    assert texts[0] == expected.choices[0].message.content
+    assert texts[1] != texts[0]  # choice 1 samples with seed + 1
 
 
 def test_stop_string_cuts_the_answer(client):
@@ -332,13 +366,7 @@ def test_official_client_raises_on_errors(client):
 @pytest.fixture(scope="module")
 def describe_image(trained_run: Path, world_dir: Path) -> Sample:
     """The processed prompt "Describe the image." about a world image (for batcher jobs)."""
-    _, processor = load_model_dir(trained_run / "model")
-    image, _ = world_media(world_dir)
-    content = [
-        {"type": "image", "path": str(image)},
-        {"type": "text", "text": "Describe the image."},
-    ]
-    return processor.prompt([{"role": "user", "content": content}])
+    return world_prompt(trained_run / "model", world_dir, "Describe the image.")
 
 
 def _short_and_long(batcher: DynamicBatcher, sample: Sample) -> tuple[Job, Job, list[str]]:

@@ -5,30 +5,33 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
-import torch
 import uvicorn
 from fastapi import FastAPI
 from omegaconf import DictConfig, OmegaConf
 
 from mmfuse.config import CONFIG_DIR
-from mmfuse.model_dir import load_model_dir
-from mmfuse.processing.collate import Collator
+from mmfuse.model_dir import load_processor_dir
 from mmfuse.serve.app import ServerSettings, create_app
 from mmfuse.serve.batcher import DynamicBatcher
+from mmfuse.serve.engine import EngineProcess, EngineSettings, build_batcher
 from mmfuse.serve.media import MediaLimits
 from mmfuse.serve.requests import RequestLimits
 
 
-def build_server(cfg: DictConfig) -> tuple[FastAPI, DynamicBatcher]:
-    """Loads the model and returns the app and its batcher (close it when done)."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    model, processor = load_model_dir(cfg.ckpt, cfg.device)
-    collator = Collator(processor.tokenizer.pad_token_id, "left", processor.image.size)
+def build_server(cfg: DictConfig) -> tuple[FastAPI, DynamicBatcher | EngineProcess]:
+    """Loads the model and returns the app and its batcher (close it when done): in a child
+    process with ``batching.separate_process``, else on a thread of this one."""
     batching = cfg.batching
-    batcher = DynamicBatcher(
-        model, collator, batching.max_batch_size, batching.max_wait_ms, batching.continuous
+    engine = EngineSettings(
+        ckpt=str(cfg.ckpt),
+        device=cfg.device,
+        threads=cfg.threads,
+        max_batch_size=batching.max_batch_size,
+        max_wait_ms=batching.max_wait_ms,
+        continuous=batching.continuous,
     )
+    batcher = EngineProcess(engine) if batching.separate_process else build_batcher(engine)
+    processor = load_processor_dir(cfg.ckpt)
     settings = ServerSettings(
         model_name=cfg.model_name or Path(cfg.ckpt).resolve().name,
         api_key=cfg.api_key,
