@@ -74,9 +74,13 @@ def test_jobs_fail_clearly_when_the_child_dies(settings, sample):
     try:
         os.kill(engine._process.pid, signal.SIGKILL)
         engine._process.join(timeout=30)
-        engine._reader.join(timeout=30)
-        job = Job(sample, GenerationConfig(max_new_tokens=2))
+        # whether or not the reader has seen the pipe close yet
+        racing = Job(sample, GenerationConfig(max_new_tokens=2))
         with pytest.raises(RuntimeError, match="engine process ended"):
-            engine.submit(job).result(timeout=10)
+            engine.submit(racing).result(timeout=10)
+        engine._reader.join(timeout=30)
+        late = Job(sample, GenerationConfig(max_new_tokens=2))
+        with pytest.raises(RuntimeError, match=r"engine process ended \(exit code -9\)"):
+            engine.submit(late).result(timeout=10)
     finally:
         engine.close()

@@ -18,6 +18,7 @@ one message is sent go together in the next.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing
 import pickle
@@ -85,7 +86,11 @@ class EngineProcess:
         if not self._conn.poll(start_timeout_s):
             self._process.kill()
             raise RuntimeError(f"the engine process did not start in {start_timeout_s:.0f} s")
-        kind, message = _receive(self._conn)
+        try:
+            kind, message = _receive(self._conn)
+        except EOFError:  # it died before it could say why
+            self._process.join(timeout=10)
+            kind, message = _FAILED, f"it exited with code {self._process.exitcode}"
         if kind != _READY:
             self._process.join(timeout=10)
             raise RuntimeError(f"the engine process failed to start: {message}")
@@ -102,14 +107,18 @@ class EngineProcess:
                 job.future.set_exception(RuntimeError(self._ended))
                 return job.future
             ident = next(self._ids)
-            self._jobs[ident] = job
             message = (ident, job.sample, job.config, job.stop, job.on_text is not None)
-            self._conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+            try:
+                self._conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+            except OSError:  # the child is gone; the reader has not noticed yet
+                job.future.set_exception(RuntimeError("the engine process ended"))
+                return job.future
+            self._jobs[ident] = job
         return job.future
 
     def close(self) -> None:
         """Stops the child after the jobs it has; waits for it."""
-        with self._lock:
+        with self._lock, contextlib.suppress(OSError):  # OSError: the child is gone already
             if self._ended is None:
                 self._conn.send_bytes(pickle.dumps(None))
         self._process.join(timeout=30)
