@@ -189,15 +189,20 @@ def main() -> None:
     args = parser.parse_args()
     requests = [messages(Path(args.world), i) for i in range(args.requests)]
     load = load_async if args.client == "async" else load_openai
-    results: dict = {"client": args.client, "threads": args.threads, "rounds": {}}
-    results["separate_process"] = args.separate_process
+    results: dict = {
+        "client": args.client,
+        "threads": args.threads,
+        "separate_process": args.separate_process,
+        "rounds": {},
+    }
     runs = {  # name: (max batch size, concurrency)
         "batched_c1": (16, 1),
         "batched_c16": (16, 16),
         "sequential_c16": (1, 16),
     }
-    separate = args.separate_process
-    servers = {size: start(args.ckpt, size, args.threads, separate) for size in (16, 1)}
+    servers = {
+        size: start(args.ckpt, size, args.threads, args.separate_process) for size in (16, 1)
+    }
     try:
         for size, concurrency in runs.values():  # warm-up
             load(servers[size][0], requests[:4], concurrency, args.max_tokens)

@@ -93,11 +93,16 @@ def build_processor_and_model(cfg: DictConfig) -> tuple[Processor, MMFuseModel]:
     The processor follows the pretrained parts (``pretrained.resolve_processor_config``):
     their image and audio settings, and a pretrained decoder's tokenizer and chat template.
     """
-    cfg = resolve_processor_config(cfg)
-    processor = instantiate(cfg.processor, _convert_="all")
+    processor = build_processor(cfg)
     model = instantiate(cfg.model, tokenizer=processor.tokenizer, _convert_="all")
     check_compatible(model, processor)
     return processor, model
+
+
+def build_processor(cfg: DictConfig) -> Processor:
+    """The processor of ``cfg``, following its pretrained parts (see
+    ``build_processor_and_model``)."""
+    return instantiate(resolve_processor_config(cfg).processor, _convert_="all")
 
 
 def check_compatible(model: MMFuseModel, processor: Processor) -> None:
@@ -125,8 +130,7 @@ def load_model_dir(
 def load_processor_dir(path: str | Path) -> Processor:
     """The processor of a model directory alone (no weights read): for a process that
     prepares inputs for a model running elsewhere (``mmfuse.serve.engine``)."""
-    cfg = resolve_processor_config(read_model_dir_config(path))
-    return instantiate(cfg.processor, _convert_="all")
+    return build_processor(read_model_dir_config(path))
 
 
 def read_model_dir_config(path: str | Path) -> DictConfig:

@@ -46,7 +46,7 @@ def _run(batcher, sample: Sample) -> list[tuple[object, str]]:
 
 
 def test_child_answers_and_streams_what_the_thread_does(settings, sample):
-    local = build_batcher(settings)
+    local, _ = build_batcher(settings)
     try:
         expected = _run(local, sample)
     finally:

@@ -30,8 +30,10 @@ def build_server(cfg: DictConfig) -> tuple[FastAPI, DynamicBatcher | EngineProce
         max_wait_ms=batching.max_wait_ms,
         continuous=batching.continuous,
     )
-    batcher = EngineProcess(engine) if batching.separate_process else build_batcher(engine)
-    processor = load_processor_dir(cfg.ckpt)
+    if batching.separate_process:  # the model is loaded in the child; here the processor only
+        batcher, processor = EngineProcess(engine), load_processor_dir(cfg.ckpt)
+    else:
+        batcher, processor = build_batcher(engine)
     settings = ServerSettings(
         model_name=cfg.model_name or Path(cfg.ckpt).resolve().name,
         api_key=cfg.api_key,

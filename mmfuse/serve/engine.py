@@ -7,8 +7,8 @@ a child process instead (``batching.separate_process``; as vLLM runs its engine 
 from its API server): the parent processes requests and streams answers, the child only
 generates. On 2 CPU cores, where the model's own work already fills a core, the load test
 measures no gain; it is for machines where generation leaves the server's Python waiting
-(more cores, an accelerator). It has the batcher's
-interface (``submit``, ``close``), so the app cannot tell them apart.
+(more cores, an accelerator). It has the batcher's interface (``submit``, ``close``), so the
+app cannot tell them apart.
 
 Jobs go to the child and events come back over one pipe, as standard pickles (``send_bytes``:
 no shared-memory handles for the small prompt tensors). The child sends each job's new text
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from mmfuse.processing.processor import Processor
 from mmfuse.serve.batcher import DynamicBatcher, Job
 
 _READY, _TEXT, _DONE, _ERROR, _FAILED = "ready", "text", "done", "error", "failed"
@@ -48,8 +49,9 @@ class EngineSettings:
     continuous: bool = True
 
 
-def build_batcher(settings: EngineSettings) -> DynamicBatcher:
-    """Loads the model directory and starts a ``DynamicBatcher`` on it (in this process)."""
+def build_batcher(settings: EngineSettings) -> tuple[DynamicBatcher, Processor]:
+    """Loads the model directory and starts a ``DynamicBatcher`` on it (in this process);
+    returns it with the directory's processor."""
     import torch
 
     from mmfuse.model_dir import load_model_dir
@@ -59,9 +61,10 @@ def build_batcher(settings: EngineSettings) -> DynamicBatcher:
         torch.set_num_threads(settings.threads)
     model, processor = load_model_dir(settings.ckpt, settings.device)
     collator = Collator(processor.tokenizer.pad_token_id, "left", processor.image.size)
-    return DynamicBatcher(
+    batcher = DynamicBatcher(
         model, collator, settings.max_batch_size, settings.max_wait_ms, settings.continuous
     )
+    return batcher, processor
 
 
 class EngineProcess:
@@ -164,7 +167,7 @@ def _child_main(conn: Connection, settings: EngineSettings) -> None:
         conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
     try:
-        batcher = build_batcher(settings)
+        batcher, _ = build_batcher(settings)
     except Exception as err:  # the parent raises it with the message
         send((_FAILED, f"{type(err).__name__}: {err} (model directory {Path(settings.ckpt)})"))
         return
