@@ -33,6 +33,7 @@ from data_modules.sampler import (
     SkippingDataLoader,
 )
 from data_modules.task_filter import select_tasks
+from data_modules.turns import TURNS, split_at_answers
 from mmfuse.feature_cache import build_store, cache_key, check_cacheable, check_not_augmented
 from mmfuse.processing.collate import Collator
 from mmfuse.processing.errors import REASONS, RecordError
@@ -83,6 +84,8 @@ class ConversationDataset(Dataset):
             epoch the sampler drew the index for, the index): the same in any worker, and
             again after a resume.
         seed: augmentation seed.
+        turns: ``whole`` (one sample per record), ``each`` or ``each_alone`` (one per
+            answer, with or without the turns before it: ``data_modules.turns``).
     """
 
     def __init__(
@@ -95,7 +98,10 @@ class ConversationDataset(Dataset):
         on_bad_record: str = "error",
         augment: bool = False,
         seed: int = 0,
+        turns: str = "whole",
     ) -> None:
+        if turns not in TURNS:
+            raise ValueError(f"data.turns must be one of {TURNS}, got {turns!r}")
         if on_bad_record not in ON_BAD_RECORD:
             raise ValueError(
                 f"data.on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}"
@@ -104,6 +110,9 @@ class ConversationDataset(Dataset):
         self.records = read_jsonl(self.path)
         if tasks:
             self.records = select_tasks(self.records, tasks, self.path)
+        if turns != "whole":
+            self.records = split_at_answers(self.records, keep_context=turns == "each")
+        self.last_answer_only = turns == "each"
         self.processor = processor
         self.for_generation = for_generation
         self.drop_modalities = tuple(drop_modalities)
@@ -130,6 +139,7 @@ class ConversationDataset(Dataset):
                 drop_modalities=self.drop_modalities,
                 augment_seed=augment_seed,
                 features=self.features.get(position) if self.features is not None else None,
+                last_answer_only=self.last_answer_only,
             )
         except RecordError as err:
             if self.on_bad_record == "error":
@@ -163,6 +173,8 @@ class ConversationDataModule(LightningDataModule):
         shuffle: shuffle the training set (otherwise file order).
         tasks: train and validate on the records of these tasks only (names or wildcards,
             ``data_modules.task_filter``), e.g. ``[image/caption, audio/caption]``.
+        turns: training samples of multi-turn records: ``whole``, ``each`` or
+            ``each_alone`` (``data_modules.turns``).
         on_bad_record: ``error`` or ``skip`` (see the module docstring).
         max_skip_fraction: with ``skip``, stop when more of an epoch's records are bad.
         sampler: ``random`` or ``length_grouped``.
@@ -187,6 +199,7 @@ class ConversationDataModule(LightningDataModule):
         seed: int = 0,
         shuffle: bool = True,
         tasks: Sequence[str] | None = None,
+        turns: str = "whole",
         on_bad_record: str = "error",
         max_skip_fraction: float = 0.1,
         sampler: str = "random",
@@ -205,6 +218,7 @@ class ConversationDataModule(LightningDataModule):
         if cache_features:
             check_not_augmented(processor)
         self.tasks = tasks
+        self.turns = turns
         self.processor = processor
         self.train_path, self.val_path = train_path, val_path
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -233,7 +247,12 @@ class ConversationDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         common = {"tasks": self.tasks, "on_bad_record": self.on_bad_record}
         self.train_set = ConversationDataset(
-            self.train_path, self.processor, augment=True, seed=self.seed, **common
+            self.train_path,
+            self.processor,
+            augment=True,
+            seed=self.seed,
+            turns=self.turns,
+            **common,
         )
         if self.val_path:
             self.val_set = ConversationDataset(self.val_path, self.processor, **common)

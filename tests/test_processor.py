@@ -341,3 +341,19 @@ def test_prompt_errors_are_record_errors(base):
 def test_prompt_too_long_is_record_error():
     with pytest.raises(RecordError, match="max_length"):
         processor(max_length=5).prompt([{"role": "user", "content": "What color is the circle?"}])
+
+
+def test_last_answer_only_and_last_prompt_turn(base):
+    rec = _multi_turn()
+    both = processor()(rec, base)
+    assert supervised_text(tokenizer(), both.labels.tolist()) == "red<|im_end|>circle<|im_end|>"
+    assert both.prompt_ids.tolist() == _ids("What color is the circle?\nWhat shape is it?")
+    proc = Processor(
+        tokenizer(), ImageProcessor(64), AudioProcessor(SAMPLE_RATE), prompt_turns="last"
+    )
+    last = proc(rec, base, last_answer_only=True)
+    assert last.input_ids.tolist() == both.input_ids.tolist()
+    assert supervised_text(tokenizer(), last.labels.tolist()) == "circle<|im_end|>"
+    assert last.prompt_ids.tolist() == _ids("What shape is it?")
+    with pytest.raises(ValueError, match="prompt_turns must be one of"):
+        Processor(tokenizer(), ImageProcessor(64), AudioProcessor(SAMPLE_RATE), prompt_turns="x")

@@ -39,12 +39,14 @@ from mmfuse.processing.text import (
     IGNORE_INDEX,
     IMAGE_TOKEN,
     encode_conversation,
+    last_supervised_run,
     message_text,
     user_text,
 )
 from mmfuse.types import MODALITIES, Sample
 
 _ROLES = {"system", "user", "assistant"}
+PROMPT_TURNS = ("all", "last")
 _PLACEHOLDER_TOKENS = {"image": IMAGE_TOKEN, "audio": AUDIO_TOKEN}
 # placeholders that must not be typed into text: media go in parts, the template adds them
 _TYPED_PLACEHOLDERS = (IMAGE_TOKEN, AUDIO_TOKEN, "<image>", "<audio>")
@@ -60,6 +62,9 @@ class Processor:
         audio: loader for audio parts.
         max_length: longest token sequence; longer conversations lose their oldest turns.
         max_prompt_length: user-text tokens kept for the text encoder.
+        prompt_turns: what the text encoder reads: ``all`` the user turns' text, or the
+            ``last`` one's (the question being answered; train with ``data.turns=each`` or
+            ``each_alone`` so that every answer is supervised after its own question).
     """
 
     def __init__(
@@ -69,12 +74,18 @@ class Processor:
         audio: AudioProcessor,
         max_length: int = 512,
         max_prompt_length: int = 64,
+        prompt_turns: str = "all",
     ) -> None:
+        if prompt_turns not in PROMPT_TURNS:
+            raise ValueError(
+                f"processor.prompt_turns must be one of {PROMPT_TURNS}, got {prompt_turns!r}"
+            )
         self.tokenizer = tokenizer
         self.image = image
         self.audio = audio
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
+        self.prompt_turns = prompt_turns
 
     @property
     def augments(self) -> bool:
@@ -91,6 +102,7 @@ class Processor:
         augment_seed: int | None = None,
         features: Mapping[str, torch.Tensor | InputError] | None = None,
         empty_reply_ok: bool = False,
+        last_answer_only: bool = False,
     ) -> Sample:
         """Processes ``record``; media paths are relative to ``base_dir``.
 
@@ -108,6 +120,8 @@ class Processor:
                 computed), used instead of loading that modality's file.
             empty_reply_ok: accept assistant turns without text (a saved chat in which the
                 model answered nothing); otherwise they are ``empty text`` errors.
+            last_answer_only: supervise the last assistant turn only (the earlier ones are
+                context; ``data.turns=each``).
 
         Raises:
             RecordError: naming the file, the record and the reason.
@@ -123,6 +137,8 @@ class Processor:
                 references = record_references(record, reference)
                 messages = messages[:last]
             messages, input_ids, labels, dropped = self._fit(messages, for_generation)
+            if last_answer_only:
+                labels = last_supervised_run(labels)
             if not for_generation and all(label == IGNORE_INDEX for label in labels):
                 raise InputError(
                     "no supervised token: the assistant turns render to nothing",
@@ -242,7 +258,10 @@ class Processor:
         input_ids: list[int],
         reference: str | None,
     ) -> Sample:
-        prompt = self.tokenizer(user_text(messages), add_special_tokens=False)["input_ids"]
+        users = [m for m in messages if m["role"] == "user"]
+        if self.prompt_turns == "last":
+            users = users[-1:]
+        prompt = self.tokenizer(user_text(users), add_special_tokens=False)["input_ids"]
         features = {k: v[1] for k, v in media.items() if isinstance(v, tuple)}
         loaded = {k: v for k, v in media.items() if not isinstance(v, tuple)}
         has_audio = "audio" in loaded or "audio" in features

@@ -212,6 +212,21 @@ def _encode_by_prefixes(
     return input_ids, labels
 
 
+def last_supervised_run(labels: Sequence[int]) -> list[int]:
+    """``labels`` with every supervised token before the last run of them ignored: of a
+    conversation's assistant turns (each one run: its content and end-of-turn token), only
+    the last stays supervised."""
+    kept = [IGNORE_INDEX] * len(labels)
+    end = len(labels)
+    while end > 0 and labels[end - 1] == IGNORE_INDEX:
+        end -= 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    kept[start:end] = labels[start:end]
+    return kept
+
+
 def user_text(messages: Sequence[dict]) -> str:
     """Joins the text parts of the user turns: what the optional text encoder reads."""
     texts = []

@@ -1,0 +1,71 @@
+"""One training sample per answer: ``data.turns=each`` or ``data.turns=each_alone``.
+
+By default (``whole``) a record with several question-answer turns is one sample with every
+answer supervised, and the text encoder reads all its questions at once. Split instead:
+
+- ``each``: sample k holds the conversation up to the k-th answer, and only that answer is
+  supervised (the earlier turns are context).
+- ``each_alone``: sample k holds the record's media, the k-th question and its answer only,
+  for data whose turns are independent questions about the same media (the built-in
+  world's); a follow-up that refers to an earlier turn loses its context.
+
+With ``processor.prompt_turns=last`` the fusion then reads, for every answer, the question
+that asked for it, as it does in evaluation and chat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+TURNS = ("whole", "each", "each_alone")
+
+
+def split_at_answers(records: Sequence[dict], keep_context: bool = True) -> list[dict]:
+    """One record per assistant turn of each record (records with one pass through).
+
+    A cut record is a copy named ``<id>#turn<k>`` (k from 1); its ``task`` is the k-th of the
+    record's ``turn_tasks`` when it lists one per answer. With ``keep_context`` it holds the
+    messages up to the k-th answer; without, the leading system messages, then the k-th
+    question with the media parts of every user turn before it (media first), then the
+    answer. Records whose messages are not a list pass through, for the processor to report.
+    """
+    expanded = []
+    for record in records:
+        messages = record.get("messages")
+        if not isinstance(messages, list):
+            messages = []
+        ends = [i for i, m in enumerate(messages) if _role(m) == "assistant"]
+        if len(ends) < 2:
+            expanded.append(record)
+            continue
+        turn_tasks = record.get("turn_tasks")
+        for k, end in enumerate(ends, start=1):
+            cut = {**record, "id": f"{record.get('id', '<no id>')}#turn{k}"}
+            cut["messages"] = messages[: end + 1] if keep_context else _alone(messages, end)
+            if isinstance(turn_tasks, list) and len(turn_tasks) == len(ends):
+                first = 0 if keep_context else k - 1
+                cut["task"], cut["turn_tasks"] = turn_tasks[k - 1], turn_tasks[first:k]
+            expanded.append(cut)
+    return expanded
+
+
+def _alone(messages: list, answer: int) -> list[dict]:
+    """The system messages, the question before ``messages[answer]`` carrying every earlier
+    media part, and the answer."""
+    question = max(i for i in range(answer) if _role(messages[i]) == "user")
+    media = [
+        part
+        for message in messages[:question]
+        if _role(message) == "user" and isinstance(message.get("content"), list)
+        for part in message["content"]
+        if isinstance(part, dict) and part.get("type") != "text"
+    ]
+    content = messages[question].get("content")
+    if isinstance(content, str):
+        content = [{"type": "text", "text": content}]
+    system = [m for m in messages[:question] if _role(m) == "system"]
+    return [*system, {**messages[question], "content": media + list(content)}, messages[answer]]
+
+
+def _role(message: object) -> str | None:
+    return message.get("role") if isinstance(message, dict) else None
