@@ -17,8 +17,8 @@ throughputs.
 The server runs with ``batching.max_wait_ms=20``: a request waits up to 20 ms for others to be
 prefilled with it (the encoders cost far less per request in a batch); the time to first
 token at concurrency 1 shows what that costs. Its model runs with ``--threads`` torch threads
-(1: the other core serves HTTP and the load generator), on a thread of the server's process,
-or in a child process with ``--separate-process`` (``batching.separate_process``).
+(1: the other core serves HTTP and the load generator), in a child process (the default,
+``batching.separate_process``) or on a thread of the server's process with ``--in-process``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import openai
 QUESTIONS = ["Describe the image.", "Describe the sound.", "How many shapes are there?"]
 
 
-def start(ckpt: str, max_batch_size: int, threads: int, separate_process: bool = False):
+def start(ckpt: str, max_batch_size: int, threads: int, separate_process: bool = True):
     """Runs ``mmfuse-serve`` in its own process (the load generator must not share its GIL)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -186,9 +186,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="the engine's torch threads")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--separate-process", action="store_true", help="batching.separate_process=true"
-    )
+    parser.add_argument("--in-process", action="store_true", help="batching.separate_process=false")
     parser.add_argument("--client", choices=("async", "openai"), default="async")
     parser.add_argument("--out", default="runs/bench/serve_load.json")
     args = parser.parse_args()
@@ -197,7 +195,7 @@ def main() -> None:
     results: dict = {
         "client": args.client,
         "threads": args.threads,
-        "separate_process": args.separate_process,
+        "separate_process": not args.in_process,
         "rounds": {},
     }
     runs = {  # name: (max batch size, concurrency)
@@ -205,9 +203,7 @@ def main() -> None:
         "batched_c16": (16, 16),
         "sequential_c16": (1, 16),
     }
-    servers = {
-        size: start(args.ckpt, size, args.threads, args.separate_process) for size in (16, 1)
-    }
+    servers = {size: start(args.ckpt, size, args.threads, not args.in_process) for size in (16, 1)}
     try:
         for size, concurrency in runs.values():  # warm-up
             load(servers[size][0], requests[:4], concurrency, args.max_tokens)

@@ -84,8 +84,9 @@ class ConversationDataset(Dataset):
             epoch the sampler drew the index for, the index): the same in any worker, and
             again after a resume.
         seed: augmentation seed.
-        turns: ``whole`` (one sample per record), ``each`` or ``each_alone`` (one per
-            answer, with or without the turns before it: ``data_modules.turns``).
+        turns: ``whole`` (one sample per record), ``each``, ``each_alone`` or
+            ``each_both`` (one per answer, with or without the turns before it, or both:
+            ``data_modules.turns``).
     """
 
     def __init__(
@@ -111,8 +112,8 @@ class ConversationDataset(Dataset):
         if tasks:
             self.records = select_tasks(self.records, tasks, self.path)
         if turns != "whole":
-            self.records = split_at_answers(self.records, keep_context=turns == "each")
-        self.last_answer_only = turns == "each"
+            self.records = split_at_answers(self.records, turns)
+        self.last_answer_only = turns != "whole"
         self.processor = processor
         self.for_generation = for_generation
         self.drop_modalities = tuple(drop_modalities)
@@ -173,8 +174,8 @@ class ConversationDataModule(LightningDataModule):
         shuffle: shuffle the training set (otherwise file order).
         tasks: train and validate on the records of these tasks only (names or wildcards,
             ``data_modules.task_filter``), e.g. ``[image/caption, audio/caption]``.
-        turns: training samples of multi-turn records: ``whole``, ``each`` or
-            ``each_alone`` (``data_modules.turns``).
+        turns: training samples of multi-turn records: ``whole``, ``each``,
+            ``each_alone`` or ``each_both`` (``data_modules.turns``).
         on_bad_record: ``error`` or ``skip`` (see the module docstring).
         max_skip_fraction: with ``skip``, stop when more of an epoch's records are bad.
         sampler: ``random`` or ``length_grouped``.

@@ -1,4 +1,4 @@
-"""One training sample per answer: ``data.turns=each`` or ``data.turns=each_alone``.
+"""One training sample per answer: ``data.turns=each``, ``each_alone`` or ``each_both``.
 
 By default (``whole``) a record with several question-answer turns is one sample with every
 answer supervised, and the text encoder reads all its questions at once. Split instead:
@@ -7,7 +7,10 @@ answer supervised, and the text encoder reads all its questions at once. Split i
   supervised (the earlier turns are context).
 - ``each_alone``: sample k holds the record's media, the k-th question and its answer only,
   for data whose turns are independent questions about the same media (the built-in
-  world's); a follow-up that refers to an earlier turn loses its context.
+  world's); a follow-up that refers to an earlier turn loses its context, and a model that
+  never sees a conversation may not follow one.
+- ``each_both``: both: every answer alone, and every later answer also after its
+  conversation.
 
 With ``processor.prompt_turns=last`` the fusion then reads, for every answer, the question
 that asked for it, as it does in evaluation and chat.
@@ -17,18 +20,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-TURNS = ("whole", "each", "each_alone")
+TURNS = ("whole", "each", "each_alone", "each_both")
 
 
-def split_at_answers(records: Sequence[dict], keep_context: bool = True) -> list[dict]:
-    """One record per assistant turn of each record (records with one pass through).
+def split_at_answers(records: Sequence[dict], turns: str = "each") -> list[dict]:
+    """Records cut at their assistant turns (records with one pass through).
 
-    A cut record is a copy named ``<id>#turn<k>`` (k from 1); its ``task`` is the k-th of the
-    record's ``turn_tasks`` when it lists one per answer. With ``keep_context`` it holds the
-    messages up to the k-th answer; without, the leading system messages, then the k-th
-    question with the media parts of every user turn before it (media first), then the
-    answer. Records whose messages are not a list pass through, for the processor to report.
+    A cut record is a copy named ``<id>#turn<k>`` (k from 1; ``<id>#turn<k>-context`` for
+    the second copy of ``each_both``); its ``task`` is the k-th of the record's
+    ``turn_tasks`` when it lists one per answer. In context it holds the messages up to the
+    k-th answer; alone, the leading system messages, then the k-th question with the media
+    parts of every user turn before it (media first), then the answer. Records whose
+    messages are not a list pass through, for the processor to report.
     """
+    if turns not in TURNS[1:]:
+        raise ValueError(f"turns must be one of {TURNS[1:]}, got {turns!r}")
     expanded = []
     for record in records:
         messages = record.get("messages")
@@ -40,13 +46,23 @@ def split_at_answers(records: Sequence[dict], keep_context: bool = True) -> list
             continue
         turn_tasks = record.get("turn_tasks")
         for k, end in enumerate(ends, start=1):
-            cut = {**record, "id": f"{record.get('id', '<no id>')}#turn{k}"}
-            cut["messages"] = messages[: end + 1] if keep_context else _alone(messages, end)
-            if isinstance(turn_tasks, list) and len(turn_tasks) == len(ends):
-                first = 0 if keep_context else k - 1
-                cut["task"], cut["turn_tasks"] = turn_tasks[k - 1], turn_tasks[first:k]
-            expanded.append(cut)
+            name = f"{record.get('id', '<no id>')}#turn{k}"
+            if turns != "each":
+                expanded.append(_cut(record, name, _alone(messages, end), turn_tasks, k, k - 1))
+            if turns == "each" or (turns == "each_both" and k > 1):
+                name += "-context" if turns == "each_both" else ""
+                expanded.append(_cut(record, name, messages[: end + 1], turn_tasks, k, 0))
     return expanded
+
+
+def _cut(record: dict, name: str, messages: list, turn_tasks, k: int, first: int) -> dict:
+    """A copy of ``record`` with these messages, answering its k-th question; it holds the
+    turns ``first`` to ``k - 1`` of ``turn_tasks`` (when there is one per answer)."""
+    cut = {**record, "id": name, "messages": messages}
+    answers = sum(_role(m) == "assistant" for m in record["messages"])
+    if isinstance(turn_tasks, list) and len(turn_tasks) == answers:
+        cut["task"], cut["turn_tasks"] = turn_tasks[k - 1], turn_tasks[first:k]
+    return cut
 
 
 def _alone(messages: list, answer: int) -> list[dict]:

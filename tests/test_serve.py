@@ -38,8 +38,9 @@ BODY_LIMIT = 400_000
 
 
 @contextmanager
-def live_server(trained_run: Path, world_dir: Path, *overrides: str):
-    """A live server on a free loopback port; yields (base URL, batcher)."""
+def live_server(trained_run: Path, world_dir: Path, separate_process: bool = False):
+    """A live server on a free loopback port; yields (base URL, batcher). The model runs on a
+    thread of this process (the tests read its batcher) unless ``separate_process``."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
             "serve",
@@ -55,7 +56,7 @@ def live_server(trained_run: Path, world_dir: Path, *overrides: str):
                 "media.max_image_pixels=100000",
                 "media.max_audio_seconds=2.0",
                 f"media.local_dir={world_dir}",
-                *overrides,
+                f"batching.separate_process={str(separate_process).lower()}",
             ],
         )
     app, batcher = build_server(cfg)
@@ -201,7 +202,7 @@ def test_the_engine_process_serves_the_same_answers(client, trained_run, world_d
     messages = [{"role": "user", "content": _content("Describe the image.", image, audio)}]
     settings = {"temperature": 1.5, "seed": 4, "max_tokens": 12}
     expected = client.chat.completions.create(model=NAME, messages=messages, **settings)
-    with live_server(trained_run, world_dir, "batching.separate_process=true") as (url, engine):
+    with live_server(trained_run, world_dir, separate_process=True) as (url, engine):
         assert isinstance(engine, EngineProcess)
         other = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
         chunks = other.chat.completions.create(

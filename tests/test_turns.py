@@ -37,7 +37,7 @@ def test_a_record_is_cut_after_each_answer():
 def test_a_record_is_cut_into_single_questions_with_the_media():
     rec = _three_turns()
     rec["messages"].insert(0, {"role": "system", "content": "Answer briefly."})
-    cuts = split_at_answers([rec], keep_context=False)
+    cuts = split_at_answers([rec], "each_alone")
     assert [c["turn_tasks"] for c in cuts] == [["image/color"], ["image/shape"], ["image/count"]]
     for cut, question, answer in zip(
         cuts,
@@ -52,6 +52,27 @@ def test_a_record_is_cut_into_single_questions_with_the_media():
             {"type": "text", "text": question},
         ]
         assert reply["content"] == [{"type": "text", "text": answer}]
+
+
+def test_both_gives_every_answer_alone_and_the_later_ones_in_context():
+    cuts = split_at_answers([_three_turns()], "each_both")
+    assert [c["id"] for c in cuts] == [
+        "w7#turn1",
+        "w7#turn2",
+        "w7#turn2-context",
+        "w7#turn3",
+        "w7#turn3-context",
+    ]
+    assert [len(c["messages"]) for c in cuts] == [2, 2, 4, 2, 6]
+    assert [c["task"] for c in cuts] == [
+        "image/color",
+        "image/shape",
+        "image/shape",
+        "image/count",
+        "image/count",
+    ]
+    with pytest.raises(ValueError, match="turns must be one of"):
+        split_at_answers([_three_turns()], "whole")
 
 
 def test_single_answer_and_malformed_records_pass_through():

@@ -63,8 +63,9 @@ class Processor:
         max_length: longest token sequence; longer conversations lose their oldest turns.
         max_prompt_length: user-text tokens kept for the text encoder.
         prompt_turns: what the text encoder reads: ``all`` the user turns' text, or the
-            ``last`` one's (the question being answered; train with ``data.turns=each`` or
-            ``each_alone`` so that every answer is supervised after its own question).
+            ``last`` one's (the question being answered; train with ``data.turns=each``,
+            ``each_alone`` or ``each_both`` so that every answer is supervised after its own
+            question).
     """
 
     def __init__(
@@ -121,7 +122,7 @@ class Processor:
             empty_reply_ok: accept assistant turns without text (a saved chat in which the
                 model answered nothing); otherwise they are ``empty text`` errors.
             last_answer_only: supervise the last assistant turn only (the earlier ones are
-                context; ``data.turns=each``).
+                context; ``data.turns``).
 
         Raises:
             RecordError: naming the file, the record and the reason.
