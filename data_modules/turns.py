@@ -68,7 +68,10 @@ def _cut(record: dict, name: str, messages: list, turn_tasks, k: int, first: int
 def _alone(messages: list, answer: int) -> list[dict]:
     """The system messages, the question before ``messages[answer]`` carrying every earlier
     media part, and the answer."""
-    question = max(i for i in range(answer) if _role(messages[i]) == "user")
+    questions = [i for i in range(answer) if _role(messages[i]) == "user"]
+    if not questions:  # malformed: left as it is, for the processor to report
+        return messages[: answer + 1]
+    question = questions[-1]
     media = [
         part
         for message in messages[:question]

@@ -79,6 +79,10 @@ def test_single_answer_and_malformed_records_pass_through():
     single = record("s1", "What color?", "red")
     broken = {"id": "b1", "messages": "not a list"}
     assert split_at_answers([single, broken]) == [single, broken]
+    answer = {"role": "assistant", "content": "red"}
+    no_question = {"id": "b2", "messages": [answer, {"role": "user", "content": "Hi?"}, answer]}
+    first = split_at_answers([no_question], "each_alone")[0]
+    assert first["id"] == "b2#turn1" and first["messages"] == [answer]
 
 
 def test_a_cut_without_turn_tasks_keeps_the_record_task():
