@@ -45,6 +45,8 @@ def split_at_answers(records: Sequence[dict], turns: str = "each") -> list[dict]
             expanded.append(record)
             continue
         turn_tasks = record.get("turn_tasks")
+        if not isinstance(turn_tasks, list) or len(turn_tasks) != len(ends):
+            turn_tasks = None  # not one per answer: the cuts keep the record's task
         for k, end in enumerate(ends, start=1):
             name = f"{record.get('id', '<no id>')}#turn{k}"
             if turns != "each":
@@ -55,12 +57,13 @@ def split_at_answers(records: Sequence[dict], turns: str = "each") -> list[dict]
     return expanded
 
 
-def _cut(record: dict, name: str, messages: list, turn_tasks, k: int, first: int) -> dict:
+def _cut(
+    record: dict, name: str, messages: list, turn_tasks: list | None, k: int, first: int
+) -> dict:
     """A copy of ``record`` with these messages, answering its k-th question; it holds the
-    turns ``first`` to ``k - 1`` of ``turn_tasks`` (when there is one per answer)."""
+    turns ``first`` to ``k - 1`` of ``turn_tasks`` (one task per answer, or None)."""
     cut = {**record, "id": name, "messages": messages}
-    answers = sum(_role(m) == "assistant" for m in record["messages"])
-    if isinstance(turn_tasks, list) and len(turn_tasks) == answers:
+    if turn_tasks is not None:
         cut["task"], cut["turn_tasks"] = turn_tasks[k - 1], turn_tasks[first:k]
     return cut
 

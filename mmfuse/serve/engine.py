@@ -153,6 +153,9 @@ class EngineProcess:
             job.future.set_exception(RuntimeError(self._ended))
 
 
+_NUMPY_DTYPES = {torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.bool}
+
+
 class _NumpyTensorPickler(pickle.Pickler):
     """Pickles CPU tensors as numpy arrays (raw buffers; loaded back with ``torch.from_numpy``)."""
 
@@ -165,9 +168,6 @@ class _NumpyTensorPickler(pickle.Pickler):
         ):
             return torch.from_numpy, (obj.numpy(),)
         return NotImplemented
-
-
-_NUMPY_DTYPES = {torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.bool}
 
 
 def _dumps(message) -> bytes:
