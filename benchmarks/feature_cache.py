@@ -141,7 +141,7 @@ def feature_cache(
     for batch in (first_plain, first_cached):
         model.load_state_dict(initial)
         torch.manual_seed(0)
-        losses.append(float(next_token_loss(*model(batch))[0]))
+        losses.append(float(next_token_loss(*model(batch))[0].detach()))
 
     model.load_state_dict(initial)
     optimizer = torch.optim.AdamW(param_groups(model, 0.01, {}, 1e-4), lr=1e-4)

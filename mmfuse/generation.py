@@ -97,11 +97,11 @@ def decoder_step(
         inputs_embeds=embeds,
         attention_mask=mask,
         position_ids=positions,
-        past_key_values=cache,
+        cache=cache,
         use_cache=use_cache,
         logits_to_keep=1,
     )
-    return result.logits[:, -1].float(), result.past_key_values
+    return result.logits[:, -1].float(), result.cache
 
 
 def append_position(

@@ -120,7 +120,7 @@ def enable_gradient_checkpointing(
     """Switches on activation (gradient) checkpointing: activations inside each block are
     recomputed in the backward pass instead of kept (less memory, about a third more compute).
 
-    transformers models use ``gradient_checkpointing_enable`` (non-reentrant), timm models
+    transformers models use ``activation_checkpointing_enable`` (non-reentrant), timm models
     ``set_grad_checkpointing``. Do not combine with FSDP's ``activation_checkpointing_policy``
     on the same blocks.
 
@@ -148,7 +148,9 @@ def enable_gradient_checkpointing(
 
 def _enable(module: nn.Module, name: str) -> None:
     if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        module.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     elif hasattr(module, "set_grad_checkpointing"):
         module.set_grad_checkpointing(True)
     else:

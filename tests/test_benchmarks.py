@@ -189,7 +189,7 @@ def test_checkpointing_recomputes_the_same_losses(setup):
     cfg, _, model, batches = setup
     ratio, diff = optimisations.checkpointing_effect(cfg, model, batches, warmup=1)
     assert diff == 0.0 and ratio > 0
-    assert not model.decoder.is_gradient_checkpointing  # only the copy was switched
+    assert not model.decoder.is_activation_checkpointing  # only the copy was switched
 
 
 def test_cold_compile_uses_an_empty_inductor_cache_and_restores_the_setting(monkeypatch):

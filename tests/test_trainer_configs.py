@@ -87,9 +87,9 @@ def test_gradient_checkpointing_switches_keep_loss_and_gradients(tmp_path: Path)
         _, checkpointed, _ = build_tiny(tmp_path / "b", seed=0)
         parts = enable_gradient_checkpointing(checkpointed, decoder=True, encoders=True)
         assert parts == ["decoder", "encoders.image", "encoders.audio"]
-        assert checkpointed.decoder.is_gradient_checkpointing
+        assert checkpointed.decoder.is_activation_checkpointing
         assert checkpointed.encoders["image"].backbone.grad_checkpointing
-        assert checkpointed.encoders["audio"].backbone.is_gradient_checkpointing
+        assert checkpointed.encoders["audio"].backbone.is_activation_checkpointing
         batch = collate(proc, mixed_records(), tmp_path)
         grads = []
         for model in (plain, checkpointed):
