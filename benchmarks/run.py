@@ -4,9 +4,9 @@
     .venv/bin/python -m benchmarks.run [--repeats 3] [--threads N] [--compile] [--only a,b]
 
 Sections (``--only`` / ``--skip`` take their names): overhead, generation, feature_cache,
-data, compute, memory, scaling, optim, compile (only with ``--compile``: torch.compile takes
-minutes to build on 2 cores). Figures are ratios measured side by side in this run: medians
-over repeats after warm-up. See benchmarks/README.md for what each one measures.
+data, compute, memory, scaling, optim, allocator, compile (only with ``--compile``:
+torch.compile takes minutes to build on 2 cores). Figures are ratios measured side by side in
+this run: medians over repeats after warm-up. See benchmarks/README.md for what each one measures.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import (
+    allocator,
     compute,
     data_pipeline,
     feature_cache,
@@ -42,6 +43,7 @@ from benchmarks.common import (
     train_batches,
 )
 from benchmarks.scaling import measure_scaling, plot
+from mmfuse.allocator import keep_freed_memory
 
 WORLD = "data/world"
 SECTIONS = (
@@ -53,6 +55,7 @@ SECTIONS = (
     "memory",
     "scaling",
     "optim",
+    "allocator",
     "compile",
 )
 
@@ -388,6 +391,17 @@ class Bench:
             note=f"guard {norms['guard_norm'] * 1e3:.1f} + clip {norms['clip'] * 1e3:.1f}; {share}",
         )
 
+    # -------------------------------------------------------------------- allocator
+    def allocator(self) -> None:
+        r = self.report
+        results = allocator.run(self.args.world, self.repeats * 5, torch.get_num_threads())
+        r.extra["allocator"] = results
+        for name, label in allocator.FIGURES.items():
+            default, kept = results["default"][name], results["kept"][name]
+            r.add(f"allocator.{name}_ratio", f"freed memory kept, {label.split(' (')[0]}",
+                  default / kept, "{:.2f}", note=f"default {default:.1f} ms / kept {kept:.1f} ms;"
+                  " demo model, child processes")  # fmt: skip
+
     # -------------------------------------------------------------------- compile
     def compile(self) -> None:
         r = self.report
@@ -524,6 +538,7 @@ def _run_section(bench: Bench, name: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> Report:
     args = parse_args(argv)
+    keep_freed_memory()  # as every mmfuse command does (mmfuse/allocator.py)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not (Path(args.world) / "world.json").is_file():

@@ -34,6 +34,7 @@ from data_modules.sampler import (
 )
 from data_modules.task_filter import select_tasks
 from data_modules.turns import TURNS, split_at_answers
+from mmfuse.allocator import keep_freed_memory
 from mmfuse.feature_cache import build_store, cache_key, check_cacheable, check_not_augmented
 from mmfuse.processing.collate import Collator
 from mmfuse.processing.errors import REASONS, RecordError
@@ -367,3 +368,4 @@ class ConversationDataModule(LightningDataModule):
 def _single_thread_worker(_: int) -> None:
     """Loader workers decode media; one thread each leaves the cores to the model."""
     torch.set_num_threads(1)
+    keep_freed_memory()  # a spawned worker does not inherit the parent's settings

@@ -41,6 +41,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import nn
 
+from mmfuse.allocator import keep_freed_memory
 from mmfuse.config import CONFIG_DIR
 from mmfuse.generation import GenerationConfig, generate
 from mmfuse.model import MMFuseModel
@@ -469,6 +470,7 @@ def run(cfg: DictConfig) -> list[Path]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="attention")
 def main(cfg: DictConfig) -> None:
     """Hydra wrapper around :func:`run`; a bad input or model stops with its reason."""
+    keep_freed_memory()
     try:
         run(cfg)
     except ValueError as err:

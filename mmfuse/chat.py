@@ -25,6 +25,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from mmfuse.allocator import keep_freed_memory
 from mmfuse.config import CONFIG_DIR
 from mmfuse.generation import GenerationConfig, generate
 from mmfuse.model import MMFuseModel
@@ -320,6 +321,7 @@ def chat(cfg: DictConfig, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="chat")
 def main(cfg: DictConfig) -> None:
     """Hydra wrapper around :func:`chat`."""
+    keep_freed_memory()
     try:
         chat(cfg)
     except RecordError as err:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import hydra
 from omegaconf import DictConfig
 
+from mmfuse.allocator import keep_freed_memory
 from mmfuse.config import CONFIG_DIR
 from mmfuse.evaluation.runner import evaluate
 from mmfuse.metrics.exact_match import ExactMatchByTask, exact_match
@@ -35,6 +36,7 @@ def score(rows: Sequence[dict]) -> dict:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     """Hydra wrapper around :func:`evaluate`."""
+    keep_freed_memory()
     evaluate(cfg)
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from mmfuse.allocator import keep_freed_memory
 from mmfuse.config import CONFIG_DIR
 from mmfuse.train import train
 
@@ -162,6 +163,7 @@ def run_recipe(
 def main(argv: Sequence[str] | None = None) -> None:
     """``mmfuse-recipe [recipe=<name>] [output_dir=<dir>] [overrides]``."""
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    keep_freed_memory()
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
         print(__doc__)

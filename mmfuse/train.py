@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mmfuse.allocator import keep_freed_memory
 from mmfuse.config import CONFIG_DIR
 from mmfuse.evaluation.after_fit import evaluate_after_fit
 from mmfuse.freezing import apply_freezing
@@ -123,6 +124,7 @@ def _with_model_dir_config(cfg: DictConfig, model_dir: str) -> DictConfig:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     """Hydra wrapper around :func:`train`."""
+    keep_freed_memory()
     train(cfg)
 
 

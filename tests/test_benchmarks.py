@@ -13,6 +13,7 @@ import torch
 from conftest import tiny_train_overrides
 
 from benchmarks import (
+    allocator,
     compute,
     data_pipeline,
     feature_cache,
@@ -254,3 +255,12 @@ def test_feature_cache_run_measures_the_small_preset(tmp_path):
     assert figures["small.step_speedup"] > 0 and 0 < figures["small.encoder_share"] < 1
     assert "vit_s.step_speedup" not in figures
     assert 0 < figures["padding.random"] <= figures["padding.length_grouped"] <= 1
+
+
+def test_allocator_benchmark_measures_both_settings_in_child_processes(world_dir):
+    overrides = ["model=tiny", "data.num_workers=0"]
+    results = allocator.run(str(world_dir), repeats=1, threads=1, overrides=overrides)
+    assert set(results) == {"default", "kept"}
+    for figures in results.values():
+        assert set(figures) == set(allocator.FIGURES)
+        assert all(ms > 0 for ms in figures.values())

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from mmfuse.allocator import keep_freed_memory
 from mmfuse.processing.processor import Processor
 from mmfuse.serve.batcher import DynamicBatcher, Job
 
@@ -58,6 +59,7 @@ def build_batcher(settings: EngineSettings) -> tuple[DynamicBatcher, Processor]:
     from mmfuse.model_dir import load_model_dir
     from mmfuse.processing.collate import Collator
 
+    keep_freed_memory()  # in the process that runs the model: the child, or the server
     if settings.threads:
         torch.set_num_threads(settings.threads)
     model, processor = load_model_dir(settings.ckpt, settings.device)
