@@ -42,7 +42,13 @@ import openai
 QUESTIONS = ["Describe the image.", "Describe the sound.", "How many shapes are there?"]
 
 
-def start(ckpt: str, max_batch_size: int, threads: int, separate_process: bool = True):
+def start(
+    ckpt: str,
+    max_batch_size: int,
+    threads: int,
+    separate_process: bool = True,
+    max_wait_ms: float = 20,
+):
     """Runs ``mmfuse-serve`` in its own process (the load generator must not share its GIL)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -54,7 +60,7 @@ def start(ckpt: str, max_batch_size: int, threads: int, separate_process: bool =
         f"port={port}",
         f"threads={threads}",
         f"batching.max_batch_size={max_batch_size}",
-        "batching.max_wait_ms=20",
+        f"batching.max_wait_ms={max_wait_ms}",
         f"batching.separate_process={str(separate_process).lower()}",
         "log_level=warning",
     ]
@@ -186,6 +192,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="the engine's torch threads")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-wait-ms", type=float, default=20, help="batching.max_wait_ms")
     parser.add_argument("--in-process", action="store_true", help="batching.separate_process=false")
     parser.add_argument("--client", choices=("async", "openai"), default="async")
     parser.add_argument("--out", default="runs/bench/serve_load.json")
@@ -203,7 +210,10 @@ def main() -> None:
         "batched_c16": (16, 16),
         "sequential_c16": (1, 16),
     }
-    servers = {size: start(args.ckpt, size, args.threads, not args.in_process) for size in (16, 1)}
+    servers = {
+        size: start(args.ckpt, size, args.threads, not args.in_process, args.max_wait_ms)
+        for size in (16, 1)
+    }
     try:
         for size, concurrency in runs.values():  # warm-up
             load(servers[size][0], requests[:4], concurrency, args.max_tokens)

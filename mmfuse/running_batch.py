@@ -42,7 +42,7 @@ class RunningBatch:
     def __len__(self) -> int:
         return len(self.configs)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def join(self, batch: Batch, configs: Sequence[GenerationConfig]) -> list[int]:
         """Prefills a (left-padded) batch of new rows, appends them after the running rows
         and returns each new row's first token."""
@@ -67,7 +67,7 @@ class RunningBatch:
         self.generators += generators
         return tokens.tolist()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> list[int]:
         """Feeds every row its pending token; returns the next token of every row."""
         embeds = self.model.decoder.get_input_embeddings()(self.pending)[:, None]  # (B, 1, H)
