@@ -5,8 +5,8 @@ straight from ``mmap`` and gives them back to the kernel on ``free``; it also re
 of its heap to the kernel once more than the trim threshold is free there. A model on the
 CPU allocates and frees activation-sized tensors on every call, so each call faults in, and
 the kernel zeroes, the same pages again. On the demo model, the wav2vec2 feature encoder on
-16 one-second clips took 30.6 ms that way and 14.8 ms with freed memory kept
-(``benchmarks/allocator.py``). jemalloc and tcmalloc, which PyTorch's CPU guides recommend,
+16 one-second clips took 20.7 ms that way and 7.3 ms with freed memory kept, a training step
+202 and 181 ms (``benchmarks/allocator.py``, 2 threads). jemalloc and tcmalloc, which PyTorch's CPU guides recommend,
 keep freed memory too; these settings get most of that from the C library already loaded.
 
 :func:`keep_freed_memory` is called at the start of every ``mmfuse-*`` command that runs a
