@@ -6,8 +6,9 @@ of its heap to the kernel once more than the trim threshold is free there. A mod
 CPU allocates and frees activation-sized tensors on every call, so each call faults in, and
 the kernel zeroes, the same pages again. On the demo model, the wav2vec2 feature encoder on
 16 one-second clips took 20.7 ms that way and 7.3 ms with freed memory kept, a training step
-202 and 181 ms (``benchmarks/allocator.py``, 2 threads). jemalloc and tcmalloc, which PyTorch's CPU guides recommend,
-keep freed memory too; these settings get most of that from the C library already loaded.
+202 and 181 ms (``benchmarks/allocator.py``, 2 threads). jemalloc and tcmalloc, which
+PyTorch's CPU guides recommend, keep freed memory too; these settings get most of that from
+the C library already loaded.
 
 :func:`keep_freed_memory` is called at the start of every ``mmfuse-*`` command that runs a
 model. Setting ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` in the environment
