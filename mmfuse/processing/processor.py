@@ -259,10 +259,10 @@ class Processor:
         input_ids: list[int],
         reference: str | None,
     ) -> Sample:
-        users = [m for m in messages if m["role"] == "user"]
+        read = messages  # user_text reads the user turns of these
         if self.prompt_turns == "last":
-            users = users[-1:]
-        prompt = self.tokenizer(user_text(users), add_special_tokens=False)["input_ids"]
+            read = [m for m in messages if m["role"] == "user"][-1:]
+        prompt = self.tokenizer(user_text(read), add_special_tokens=False)["input_ids"]
         features = {k: v[1] for k, v in media.items() if isinstance(v, tuple)}
         loaded = {k: v for k, v in media.items() if not isinstance(v, tuple)}
         has_audio = "audio" in loaded or "audio" in features
