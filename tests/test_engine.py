@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ from helpers import world_prompt
 
 from mmfuse.generation import GenerationConfig
 from mmfuse.serve.batcher import Job
-from mmfuse.serve.engine import EngineProcess, EngineSettings, build_batcher
+from mmfuse.serve.engine import EngineProcess, EngineSettings, _exit_code, build_batcher
 from mmfuse.types import Sample
 
 
@@ -84,3 +87,13 @@ def test_jobs_fail_clearly_when_the_child_dies(settings, sample):
             engine.submit(late).result(timeout=10)
     finally:
         engine.close()
+
+
+def test_the_exit_code_is_read_when_another_thread_reaped_the_child():
+    child = multiprocessing.get_context("spawn").Process(target=sys.exit, args=(3,))
+    child.start()
+    # what a concurrent join (the test above, or close()) does: it reaps the child, and only
+    # a moment later stores the code; meanwhile this thread's own waitpid finds no child
+    os.waitpid(child.pid, 0)
+    threading.Timer(0.05, setattr, (child._popen, "returncode", 3)).start()
+    assert _exit_code(child) == 3

@@ -25,6 +25,7 @@ import multiprocessing
 import pickle
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -147,12 +148,23 @@ class EngineProcess:
                         job.future.set_exception(RuntimeError(value))
         except (EOFError, OSError):
             pass
-        self._process.join(timeout=5)  # its pipe is closed: it is ending; wait for the code
+        code = _exit_code(self._process)  # its pipe is closed: it is ending
         with self._lock:
-            self._ended = f"the engine process ended (exit code {self._process.exitcode})"
+            self._ended = f"the engine process ended (exit code {code})"
             jobs, self._jobs = list(self._jobs.values()), {}
         for job in jobs:
             job.future.set_exception(RuntimeError(self._ended))
+
+
+def _exit_code(process: multiprocessing.process.BaseProcess, timeout: float = 5) -> int | None:
+    """The exit code of a child that is ending. Another thread joining it at the same time
+    (``close``) may reap it first: this thread's ``waitpid`` then fails, and the code reads
+    None until the other thread has stored it, a moment later."""
+    deadline = time.monotonic() + timeout
+    process.join(timeout)
+    while process.exitcode is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return process.exitcode
 
 
 _NUMPY_DTYPES = {torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.bool}
