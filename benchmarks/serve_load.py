@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import base64
 import json
+import resource
 import socket
 import statistics
 import subprocess
@@ -38,6 +39,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 import openai
+import psutil
 
 QUESTIONS = ["Describe the image.", "Describe the sound.", "How many shapes are there?"]
 
@@ -49,7 +51,8 @@ def start(
     separate_process: bool = True,
     max_wait_ms: float = 20,
 ):
-    """Runs ``mmfuse-serve`` in its own process (the load generator must not share its GIL)."""
+    """Runs ``mmfuse-serve`` in its own process (the load generator must not share its GIL);
+    returns its base URL, its pid and a function that stops it."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -81,7 +84,34 @@ def start(
         process.terminate()
         process.wait(timeout=30)
 
-    return f"{url}/v1", stop
+    return f"{url}/v1", process.pid, stop
+
+
+def cpu_seconds(server_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of the server process, of its children (the
+    engine process; nothing with ``--in-process``) and of this process (the load generator)."""
+    server = psutil.Process(server_pid)
+    children = sum(sum(child.cpu_times()[:2]) for child in server.children(recursive=True))
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "server": sum(server.cpu_times()[:2]),
+        "engine": children,
+        "load_generator": own.ru_utime + own.ru_stime,
+    }
+
+
+def measured_round(
+    load, url: str, server_pid: int, requests: list, concurrency: int, max_tokens: int
+) -> dict:
+    """One round of ``load``, with the CPU each process spent on it: milliseconds per
+    request and the share of a core it kept busy."""
+    before, start_time = cpu_seconds(server_pid), time.perf_counter()
+    round_ = load(url, requests, concurrency, max_tokens)
+    elapsed, after = time.perf_counter() - start_time, cpu_seconds(server_pid)
+    spent = {name: after[name] - before[name] for name in before}
+    round_["cpu_ms_per_request"] = {k: v * 1000 / len(requests) for k, v in spent.items()}
+    round_["cores_busy"] = {k: v / elapsed for k, v in spent.items()}
+    return round_
 
 
 def messages(world: Path, i: int) -> list[dict]:
@@ -217,14 +247,17 @@ def main() -> None:
     try:
         for size, concurrency in runs.values():  # warm-up
             load(servers[size][0], requests[:4], concurrency, args.max_tokens)
+        # CPU per request of each process (server, engine, load generator): what bounds the
+        # throughput of each configuration
         # rounds interleave the configurations, so that a slower spell of the machine hits
         # them alike; each figure is the median round (by requests/s)
         for _ in range(args.rounds):
             for name, (size, concurrency) in runs.items():
-                round_ = load(servers[size][0], requests, concurrency, args.max_tokens)
+                url, pid, _ = servers[size]
+                round_ = measured_round(load, url, pid, requests, concurrency, args.max_tokens)
                 results["rounds"].setdefault(name, []).append(round_)
     finally:
-        for _, stop in servers.values():
+        for _, _, stop in servers.values():
             stop()
     for name, (size, concurrency) in runs.items():
         rounds = sorted(results["rounds"][name], key=lambda r: r["requests_per_s"])
@@ -235,6 +268,11 @@ def main() -> None:
             f"{r['requests_per_s']:6.2f} req/s  {r['tokens_per_s']:7.1f} tok/s  "
             f"TTFT median {r['ttft_median_s'] * 1000:6.0f} ms   (rounds: {each} req/s)"
         )
+        cpu = ", ".join(
+            f"{k.replace('_', ' ')} {r['cpu_ms_per_request'][k]:.2f} ms ({r['cores_busy'][k]:.2f})"
+            for k in r["cores_busy"]
+        )
+        print(f"{'':15s} CPU per request (share of a core busy): {cpu}")
     ratio = results["batched_c16"]["requests_per_s"] / results["sequential_c16"]["requests_per_s"]
     results["batched_over_sequential"] = ratio
     print(f"dynamic batching over one-at-a-time at concurrency 16 (medians): {ratio:.2f}x")
