@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from mmfuse.freezing import check_trainable, format_table
 from mmfuse.generation import GenerationConfig, generate
-from mmfuse.loss import global_token_mean, next_token_loss
+from mmfuse.loss import WEIGHTINGS, global_token_mean, next_token_loss
 from mmfuse.metrics.exact_match import ExactMatchByTask
 from mmfuse.model import MMFuseModel
 from mmfuse.optim import param_groups
@@ -35,6 +35,9 @@ class MMFuseLitModule(LightningModule):
         generation: decoding settings for validation generation.
         frozen: the components configured frozen (``freezing.apply_freezing``); checked at
             fit start with the others, which must each have a trainable parameter.
+        loss_weighting: how the training loss weighs the tokens of long and short answers
+            (``next_token_loss``: ``token``, ``sample`` or ``square``); validation reports
+            the plain token mean.
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class MMFuseLitModule(LightningModule):
         lr_scale: dict[str, float] | None = None,
         generation: GenerationConfig | None = None,
         frozen: Sequence[str] = (),
+        loss_weighting: str = "token",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "generation"])
@@ -57,6 +61,9 @@ class MMFuseLitModule(LightningModule):
         self.generation = generation or GenerationConfig()
         self._val_scores = ExactMatchByTask()
         self.frozen = list(frozen)
+        if loss_weighting not in WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {WEIGHTINGS}, got {loss_weighting!r}")
+        self.loss_weighting = loss_weighting
 
     def on_fit_start(self) -> None:
         """Checks what trains (see ``freezing.check_trainable``), then prints the parameter
@@ -79,7 +86,9 @@ class MMFuseLitModule(LightningModule):
             return None
         logits, labels = self.model(batch)
         # every record was checked for a supervised token by the processor: no host read here
-        loss, count = next_token_loss(logits, labels, batch.ids, check_supervised=False)
+        loss, count = next_token_loss(
+            logits, labels, batch.ids, check_supervised=False, weighting=self.loss_weighting
+        )
         # with several ranks: the global batch's token mean (see global_token_mean)
         world = self.trainer.world_size if self._trainer is not None else 1
         loss, mean = global_token_mean(loss, count, world, self._sum_over_ranks)

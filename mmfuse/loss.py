@@ -9,14 +9,22 @@ import torch.nn.functional as F
 
 from mmfuse.processing.text import IGNORE_INDEX
 
+WEIGHTINGS = ("token", "sample", "square")
+
 
 def next_token_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
     ids: list[str] | None = None,
     check_supervised: bool = True,
+    weighting: str = "token",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy of predicting ``labels[t+1]`` from position t.
+    """Weighted mean cross-entropy of predicting ``labels[t+1]`` from position t.
+
+    ``weighting`` sets how much each supervised token of a sample (row) with n of them
+    counts: ``token`` 1 (the plain token mean: long answers outweigh short ones), ``sample``
+    1/n (every sample counts the same, whatever its length) or ``square`` 1/sqrt(n) (between
+    the two; InternVL 2.5's square averaging).
 
     Args:
         logits: (B, L, V).
@@ -25,24 +33,37 @@ def next_token_loss(
         check_supervised: raise when nothing is supervised. The check reads the count back
             to the host (a device sync); the training step leaves it to the processor, which
             already rejects every record without a supervised token.
+        weighting: ``token``, ``sample`` or ``square``.
 
     Returns:
-        (loss, number of supervised tokens).
+        (loss, total weight: the number of supervised tokens with ``token``).
 
     Raises:
-        ValueError: when the batch has no supervised token (a silent zero loss otherwise).
+        ValueError: when the batch has no supervised token (a silent zero loss otherwise),
+            or for an unknown ``weighting``.
     """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"loss weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     targets = labels[:, 1:]  # (B, L-1)
-    count = (targets != IGNORE_INDEX).sum()
-    if check_supervised and int(count) == 0:
+    supervised = targets != IGNORE_INDEX
+    if check_supervised and not bool(supervised.any()):
         raise ValueError(f"batch without any supervised token; records: {ids}")
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        targets.flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss / count, count
+    flat_logits, flat_targets = logits[:, :-1].flatten(0, 1).float(), targets.flatten()
+    if weighting == "token":
+        count = supervised.sum()
+        loss = F.cross_entropy(
+            flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        return loss / count, count
+    losses = F.cross_entropy(
+        flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(targets)  # (B, L-1), 0 where unsupervised
+    per_row = supervised.sum(dim=1)  # (B,)
+    # a row without supervised tokens has no loss; its weight does not matter
+    n = per_row.clamp(min=1).float()
+    weights = 1 / n if weighting == "sample" else n.rsqrt()  # (B,) per token of the row
+    total = (weights * per_row).sum()
+    return (losses.sum(dim=1) * weights).sum() / total, total
 
 
 def global_token_mean(
@@ -58,7 +79,8 @@ def global_token_mean(
     many supervised tokens it had. Back-propagating ``S_r * W / N`` instead, with
     ``N = sum_r n_r``, makes the averaged gradient ``grad(sum_r S_r) / N``: that of the
     token mean of the whole global batch, as one process with all of it computes. One
-    all-reduce of ``(S_r, n_r)`` per step.
+    all-reduce of ``(S_r, n_r)`` per step. With a ``weighting`` other than ``token``,
+    ``S_r`` and ``n_r`` are the weighted sums and the weight (``next_token_loss``).
 
     Args:
         loss: this rank's token mean (with gradient).

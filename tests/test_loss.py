@@ -11,17 +11,20 @@ from mmfuse.loss import next_token_loss
 from mmfuse.processing.text import IGNORE_INDEX
 
 
-def _hand_loss(logits, labels):
-    total, count = 0.0, 0
-    for b in range(labels.shape[0]):
-        for t in range(labels.shape[1] - 1):
-            target = int(labels[b, t + 1])
-            if target == IGNORE_INDEX:
-                continue
+def _token_losses(logits, labels, b):
+    """The cross-entropy of each supervised token of row b, by hand."""
+    losses = []
+    for t in range(labels.shape[1] - 1):
+        target = int(labels[b, t + 1])
+        if target != IGNORE_INDEX:
             row = logits[b, t].double()
-            total += float(torch.logsumexp(row, 0) - row[target])
-            count += 1
-    return total / count, count
+            losses.append(float(torch.logsumexp(row, 0) - row[target]))
+    return losses
+
+
+def _hand_loss(logits, labels):
+    losses = [x for b in range(labels.shape[0]) for x in _token_losses(logits, labels, b)]
+    return sum(losses) / len(losses), len(losses)
 
 
 @pytest.fixture
@@ -92,3 +95,57 @@ def test_no_supervised_token_raises_naming_the_records():
     labels[1, 0] = 3  # position 0 is never a target
     with pytest.raises(ValueError, match=r"without any supervised token.*rec-a.*rec-b"):
         next_token_loss(torch.randn(2, 4, 5), labels, ["rec-a", "rec-b"])
+
+
+@pytest.fixture
+def uneven():
+    """A one-token answer and a three-token answer."""
+    torch.manual_seed(2)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor(
+        [
+            [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 2, IGNORE_INDEX],
+            [IGNORE_INDEX, 4, 5, 6, IGNORE_INDEX],
+        ]
+    )
+    return logits, labels
+
+
+def test_sample_weighting_is_the_mean_of_the_samples_means(uneven):
+    logits, labels = uneven
+    short, long = (_token_losses(logits, labels, b) for b in (0, 1))
+    assert (len(short), len(long)) == (1, 3)
+    loss, weight = next_token_loss(logits, labels, weighting="sample")
+    assert float(weight) == pytest.approx(2.0)  # one per sample
+    assert float(loss) == pytest.approx((short[0] + sum(long) / 3) / 2, rel=1e-6)
+    # the token mean weighs the long answer three times as much
+    token_loss, count = next_token_loss(logits, labels, weighting="token")
+    assert int(count) == 4
+    assert float(token_loss) == pytest.approx((short[0] + sum(long)) / 4, rel=1e-6)
+    assert float(token_loss) != pytest.approx(float(loss), rel=1e-3)
+
+
+def test_square_weighting_weighs_each_sample_by_the_root_of_its_length(uneven):
+    logits, labels = uneven
+    short, long = (_token_losses(logits, labels, b) for b in (0, 1))
+    loss, weight = next_token_loss(logits, labels, weighting="square")
+    # tokens weigh 1/sqrt(n): the samples' means weigh 1 and sqrt(3)
+    expected = (short[0] + math.sqrt(3) * sum(long) / 3) / (1 + math.sqrt(3))
+    assert float(weight) == pytest.approx(1 + math.sqrt(3))
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
+def test_weighted_losses_ignore_rows_without_supervised_tokens(uneven):
+    logits, labels = uneven
+    padded_logits = torch.cat([logits, torch.randn(1, 5, 7)])
+    padded_labels = torch.cat([labels, torch.full((1, 5), IGNORE_INDEX)])
+    for weighting in ("sample", "square"):
+        loss, weight = next_token_loss(logits, labels, weighting=weighting)
+        padded = next_token_loss(padded_logits, padded_labels, weighting=weighting)
+        assert float(padded[0]) == pytest.approx(float(loss), rel=1e-6)
+        assert float(padded[1]) == pytest.approx(float(weight), rel=1e-6)
+
+
+def test_unknown_weighting_is_refused(example):
+    with pytest.raises(ValueError, match="loss weighting must be one of"):
+        next_token_loss(*example, weighting="turn")
