@@ -247,8 +247,6 @@ def main() -> None:
     try:
         for size, concurrency in runs.values():  # warm-up
             load(servers[size][0], requests[:4], concurrency, args.max_tokens)
-        # CPU per request of each process (server, engine, load generator): what bounds the
-        # throughput of each configuration
         # rounds interleave the configurations, so that a slower spell of the machine hits
         # them alike; each figure is the median round (by requests/s)
         for _ in range(args.rounds):
