@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from mmfuse.freezing import check_trainable, format_table
 from mmfuse.generation import GenerationConfig, generate
-from mmfuse.loss import WEIGHTINGS, global_token_mean, next_token_loss
+from mmfuse.loss import check_weighting, global_token_mean, next_token_loss
 from mmfuse.metrics.exact_match import ExactMatchByTask
 from mmfuse.model import MMFuseModel
 from mmfuse.optim import param_groups
@@ -61,9 +61,7 @@ class MMFuseLitModule(LightningModule):
         self.generation = generation or GenerationConfig()
         self._val_scores = ExactMatchByTask()
         self.frozen = list(frozen)
-        if loss_weighting not in WEIGHTINGS:
-            raise ValueError(f"loss_weighting must be one of {WEIGHTINGS}, got {loss_weighting!r}")
-        self.loss_weighting = loss_weighting
+        self.loss_weighting = check_weighting(loss_weighting)  # fails here, not at step 1
 
     def on_fit_start(self) -> None:
         """Checks what trains (see ``freezing.check_trainable``), then prints the parameter

@@ -12,6 +12,13 @@ from mmfuse.processing.text import IGNORE_INDEX
 WEIGHTINGS = ("token", "sample", "square")
 
 
+def check_weighting(weighting: str) -> str:
+    """Returns ``weighting`` if ``next_token_loss`` knows it; else raises ValueError."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"loss_weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    return weighting
+
+
 def next_token_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -42,8 +49,7 @@ def next_token_loss(
         ValueError: when the batch has no supervised token (a silent zero loss otherwise),
             or for an unknown ``weighting``.
     """
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"loss weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    check_weighting(weighting)
     targets = labels[:, 1:]  # (B, L-1)
     supervised = targets != IGNORE_INDEX
     if check_supervised and not bool(supervised.any()):

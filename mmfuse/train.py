@@ -104,7 +104,7 @@ def build_lit_module(cfg: DictConfig, model: MMFuseModel, frozen: list[str]) -> 
         lr_scale=OmegaConf.to_container(cfg.lr_scale) if cfg.get("lr_scale") else None,
         generation=instantiate(cfg.generation),
         frozen=frozen,
-        loss_weighting=cfg.get("loss_weighting", "token"),
+        loss_weighting=cfg.loss_weighting,
     )
 
 

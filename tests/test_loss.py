@@ -147,5 +147,5 @@ def test_weighted_losses_ignore_rows_without_supervised_tokens(uneven):
 
 
 def test_unknown_weighting_is_refused(example):
-    with pytest.raises(ValueError, match="loss weighting must be one of"):
+    with pytest.raises(ValueError, match="loss_weighting must be one of"):
         next_token_loss(*example, weighting="turn")
