@@ -4,7 +4,7 @@
     .venv/bin/python -m benchmarks.run [--repeats 3] [--threads N] [--compile] [--only a,b]
 
 Sections (``--only`` / ``--skip`` take their names): overhead, generation, feature_cache,
-data, compute, memory, scaling, optim, allocator, compile (only with ``--compile``:
+data, compute, memory, scaling, optim, allocator, audio_frontend, compile (only with ``--compile``:
 torch.compile takes minutes to build on 2 cores). Figures are ratios measured side by side in
 this run: medians over repeats after warm-up. See benchmarks/README.md for what each one measures.
 """
@@ -25,6 +25,7 @@ import torch
 
 from benchmarks import (
     allocator,
+    audio_frontend,
     compute,
     data_pipeline,
     feature_cache,
@@ -56,6 +57,7 @@ SECTIONS = (
     "scaling",
     "optim",
     "allocator",
+    "audio_frontend",
     "compile",
 )
 
@@ -401,6 +403,21 @@ class Bench:
             r.add(f"allocator.{name}_ratio", f"freed memory kept, {label.split(' (')[0]}",
                   default / kept, "{:.2f}", note=f"default {default:.1f} ms / kept {kept:.1f} ms;"
                   " demo model, child processes")  # fmt: skip
+
+    # -------------------------------------------------------------------- audio front end
+    def audio_frontend(self) -> None:
+        r = self.report
+        result = audio_frontend.measure(clips=16, repeats=self.repeats * 5)
+        r.extra["audio_frontend"] = result
+        for name, label in audio_frontend.FIGURES.items():
+            ref = result[f"{name}_transformers_ms"]
+            fast = result[f"{name}_channels_last_ms"]
+            r.add(f"audio_frontend.{name}_ratio", f"wav2vec2 front end, {label}: transformers"
+                  " / channels-last", ref / fast, "{:.2f}", note=f"{ref:.1f} / {fast:.1f} ms;"
+                  " demo model, 16 clips")  # fmt: skip
+        diff = result["max_abs_diff"]
+        r.add("audio_frontend.max_abs_diff", "  outputs, max abs difference", diff, "{:.2g}",
+              "< 1e-4", diff < 1e-4)  # fmt: skip
 
     # -------------------------------------------------------------------- compile
     def compile(self) -> None:

@@ -90,6 +90,33 @@ def build_tiny(
     return proc, model, cfg
 
 
+# ----------------------------------------------------------------------------- audio encoder
+
+TINY_W2V = dict(
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=32,
+    conv_dim=[8, 8, 8],
+    conv_kernel=[10, 8, 8],
+    conv_stride=[5, 8, 8],
+    num_conv_pos_embeddings=8,
+    num_conv_pos_embedding_groups=2,
+    apply_spec_augment=False,
+    mask_time_prob=0.0,
+    layerdrop=0.0,
+)
+"""A tiny wav2vec2-family config (320x down-sampling): ``Wav2Vec2Config(**TINY_W2V)``."""
+
+
+def tiny_w2v_config(**overrides):
+    """A tiny ``Wav2Vec2Config`` with a LayerNorm front end, ``overrides`` applied."""
+    from transformers import Wav2Vec2Config
+
+    settings = {"feat_extract_norm": "layer", "do_stable_layer_norm": True, **TINY_W2V}
+    return Wav2Vec2Config(**{**settings, **overrides})
+
+
 # ----------------------------------------------------------------------------- media
 
 

@@ -14,6 +14,7 @@ from conftest import tiny_train_overrides
 
 from benchmarks import (
     allocator,
+    audio_frontend,
     compute,
     data_pipeline,
     feature_cache,
@@ -264,3 +265,10 @@ def test_allocator_benchmark_measures_both_settings_in_child_processes(world_dir
     for figures in results.values():
         assert set(figures) == set(allocator.FIGURES)
         assert all(ms > 0 for ms in figures.values())
+
+
+def test_audio_frontend_benchmark_times_both_sides_on_equal_outputs():
+    result = audio_frontend.measure(clips=2, repeats=1, overrides=["model=tiny"])
+    for figure in audio_frontend.FIGURES:
+        assert result[f"{figure}_transformers_ms"] > 0 and result[f"{figure}_channels_last_ms"] > 0
+    assert result["max_abs_diff"] < 1e-4

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from helpers import tokenizer
+from helpers import tiny_w2v_config, tokenizer
 from safetensors.torch import save_file
-from transformers import BertConfig, Wav2Vec2Config
+from transformers import BertConfig
 
 from mmfuse.modules.encoders import AudioEncoder, TextEncoder, VisionEncoder
 
@@ -15,25 +15,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 D = 8
 VIT = dict(img_size=32, patch_size=16, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0)
-
-
-def _w2v_config() -> Wav2Vec2Config:
-    return Wav2Vec2Config(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        conv_dim=[8, 8, 8],
-        conv_kernel=[10, 8, 8],
-        conv_stride=[5, 8, 8],
-        feat_extract_norm="layer",
-        do_stable_layer_norm=True,
-        num_conv_pos_embeddings=8,
-        num_conv_pos_embedding_groups=2,
-        apply_spec_augment=False,
-        mask_time_prob=0.0,
-        layerdrop=0.0,
-    )
 
 
 @pytest.fixture
@@ -45,7 +26,7 @@ def vision():
 @pytest.fixture
 def audio():
     torch.manual_seed(0)
-    return AudioEncoder(D, config=_w2v_config()).eval()
+    return AudioEncoder(D, config=tiny_w2v_config()).eval()
 
 
 def _frames(length: int) -> int:
@@ -212,7 +193,7 @@ def test_audio_needs_config_or_pretrained():
 
 
 def test_audio_spec_embed_frozen_without_spec_augment():
-    config = _w2v_config()
+    config = tiny_w2v_config()
     config.mask_time_prob = 0.05  # creates masked_spec_embed, but SpecAugment stays off
     torch.manual_seed(0)
     encoder = AudioEncoder(D, config=config)

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import timm
 import torch
-from helpers import build_tiny, collate, mixed_records, sine
+from helpers import TINY_W2V, build_tiny, collate, mixed_records, sine
 from omegaconf import OmegaConf
 from timm.models import save_for_hf
 from transformers import (
@@ -217,20 +217,7 @@ def test_vision_tower_of_a_whole_clip_model(tmp_path):
 
 # ----------------------------------------------------------------------------- audio
 
-W2V = dict(
-    hidden_size=16,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    intermediate_size=32,
-    conv_dim=[8, 8, 8],
-    conv_kernel=[10, 8, 8],
-    conv_stride=[5, 8, 8],
-    num_conv_pos_embeddings=8,
-    num_conv_pos_embedding_groups=2,
-    apply_spec_augment=False,
-    mask_time_prob=0.0,
-    layerdrop=0.1,  # as released checkpoints have it
-)
+W2V = {**TINY_W2V, "layerdrop": 0.1}  # as released checkpoints have it
 
 
 def _waves() -> tuple[torch.Tensor, torch.Tensor]:

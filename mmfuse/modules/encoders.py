@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PretrainedConfig, PreTrainedTokenizerBase
 
+from mmfuse.modules.audio_frontend import ChannelsLastFeatureEncoder
 from mmfuse.types import ModalityTokens
 
 
@@ -157,6 +158,9 @@ class AudioEncoder(nn.Module):
             self.backbone = AutoModel.from_config(config)
         else:
             raise ValueError("AudioEncoder needs a config or a pretrained directory")
+        extractor = getattr(self.backbone, "feature_extractor", None)
+        if ChannelsLastFeatureEncoder.supports(extractor):  # same weights, faster layout
+            self.backbone.feature_extractor = ChannelsLastFeatureEncoder(extractor)
         cfg = self.backbone.config
         spec_augment = cfg.apply_spec_augment and (
             cfg.mask_time_prob > 0 or cfg.mask_feature_prob > 0
