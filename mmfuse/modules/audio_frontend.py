@@ -9,9 +9,9 @@ convolution that PyTorch's CPU kernels run slowly, above all in the backward pas
 ``ChannelsLastFeatureEncoder`` runs the same layers on the same parameters with the
 activations kept (B, T, C): each convolution is a 2-D convolution of height 1 over a
 channels-last tensor, whose output is (B, T', C') in memory, ready for the LayerNorm. Outputs
-equal the original's up to float rounding; on the demo's front end (2 CPU cores, 16 clips of
-one second) the forward pass is about 2 times and forward plus backward about 3.5 times
-faster (``benchmarks/audio_frontend.py``).
+equal the original's up to float rounding; on the demo's front end (16 or 32 clips of one
+second, 1 or 2 CPU threads) the forward pass is 1.8-2.1 times and forward plus backward
+3.8-4.0 times faster (``benchmarks/audio_frontend.py``).
 """
 
 from __future__ import annotations
