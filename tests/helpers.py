@@ -15,6 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
+from transformers import Wav2Vec2Config
 
 import mmfuse.config
 from data_modules import world
@@ -109,10 +110,8 @@ TINY_W2V = dict(
 """A tiny wav2vec2-family config (320x down-sampling): ``Wav2Vec2Config(**TINY_W2V)``."""
 
 
-def tiny_w2v_config(**overrides):
+def tiny_w2v_config(**overrides) -> Wav2Vec2Config:
     """A tiny ``Wav2Vec2Config`` with a LayerNorm front end, ``overrides`` applied."""
-    from transformers import Wav2Vec2Config
-
     settings = {"feat_extract_norm": "layer", "do_stable_layer_norm": True, **TINY_W2V}
     return Wav2Vec2Config(**{**settings, **overrides})
 
