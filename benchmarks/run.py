@@ -4,7 +4,8 @@
     .venv/bin/python -m benchmarks.run [--repeats 3] [--threads N] [--compile] [--only a,b]
 
 Sections (``--only`` / ``--skip`` take their names): overhead, generation, feature_cache,
-data, compute, memory, scaling, optim, allocator, audio_frontend, compile (only with ``--compile``:
+data, compute, memory, scaling, optim, allocator, audio_frontend, row_groups,
+worker_priority, compile (only with ``--compile``:
 torch.compile takes minutes to build on 2 cores). Figures are ratios measured side by side in
 this run: medians over repeats after warm-up. See benchmarks/README.md for what each one measures.
 """
@@ -33,6 +34,8 @@ from benchmarks import (
     memory,
     optimisations,
     overhead,
+    row_groups,
+    worker_priority,
 )
 from benchmarks.common import (
     BENCH_DIR,
@@ -58,6 +61,8 @@ SECTIONS = (
     "optim",
     "allocator",
     "audio_frontend",
+    "row_groups",
+    "worker_priority",
     "compile",
 )
 
@@ -418,6 +423,32 @@ class Bench:
         diff = result["max_abs_diff"]
         r.add("audio_frontend.max_abs_diff", "  outputs, max abs difference", diff, "{:.2g}",
               "< 1e-4", diff < 1e-4)  # fmt: skip
+
+    # -------------------------------------------------------------------- row groups
+    def row_groups(self) -> None:
+        r = self.report
+        result = row_groups.measure(batches=8, repeats=self.repeats * 2)
+        r.extra["row_groups"] = result
+        one, grouped = result["one_ms"], result["grouped_ms"]
+        r.add("row_groups.step_ratio", f"training step, one padded batch / {result['row_groups']}"
+              " row groups", one / grouped, "{:.2f}", "> 1", one > grouped,
+              note=f"{one:.1f} / {grouped:.1f} ms; demo model, 8 batches")  # fmt: skip
+        r.add("row_groups.positions_share", "  decoder positions run, share of padded",
+              result["positions_share"], "{:.2f}")  # fmt: skip
+        diff = result["max_loss_diff"]
+        r.add("row_groups.max_loss_diff", "  losses, max abs difference", diff, "{:.2g}",
+              "< 1e-5", diff < 1e-5)  # fmt: skip
+
+    # -------------------------------------------------------------------- worker priority
+    def worker_priority(self) -> None:
+        r = self.report
+        result = worker_priority.measure(steps=12, repeats=self.repeats + 1)
+        r.extra["worker_priority"] = result
+        floor = result["no_loader"]
+        for name in worker_priority.LOADERS:
+            r.add(f"worker_priority.{name}_ratio", f"training step with loader {name} / none",
+                  result[name] / floor, "{:.2f}", note=f"{result[name]:.1f} / {floor:.1f} ms;"
+                  " demo model")  # fmt: skip
 
     # -------------------------------------------------------------------- compile
     def compile(self) -> None:

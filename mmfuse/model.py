@@ -18,6 +18,7 @@ from mmfuse.modules.conditioning import (
 )
 from mmfuse.modules.encoders import AudioEncoder, TextEncoder, VisionEncoder
 from mmfuse.processing.text import AUDIO_TOKEN, IMAGE_TOKEN
+from mmfuse.row_groups import row_groups
 from mmfuse.types import Batch, Memory, ModalityTokens
 
 __all__ = ["DecoderInputs", "MMFuseModel", "placeholder_ids"]
@@ -43,6 +44,10 @@ class MMFuseModel(nn.Module):
         vision: image encoder or None.
         audio: audio encoder or None.
         text: builds the optional prompt encoder given ``tokenizer=``, or None.
+        row_groups: in ``forward``, run the decoder over up to this many groups of rows
+            of similar length, each trimmed to its longest row (``mmfuse.row_groups``):
+            the same logits with fewer padded positions. 1 (the default) runs the padded
+            batch at once and reads nothing back from the device.
     """
 
     def __init__(
@@ -55,6 +60,7 @@ class MMFuseModel(nn.Module):
         vision: VisionEncoder | None = None,
         audio: AudioEncoder | None = None,
         text: Callable[..., TextEncoder] | None = None,
+        row_groups: int = 1,
     ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
@@ -79,6 +85,9 @@ class MMFuseModel(nn.Module):
             lm_layers=len(decoder_layers(self.decoder)),
         )
         self.placeholder_ids = placeholder_ids(tokenizer)
+        if row_groups < 1:
+            raise ValueError(f"model.row_groups must be at least 1, got {row_groups}")
+        self.row_groups = row_groups
 
     def train(self, mode: bool = True) -> MMFuseModel:
         """Sets the training mode; frozen parts (``freezing.frozen_units``) stay in eval mode,
@@ -138,8 +147,27 @@ class MMFuseModel(nn.Module):
         return rows
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns logits (B, L, V) and the aligned labels (B, L) (not yet shifted)."""
+        """Returns logits (B, L, V) and the aligned labels (B, L) (not yet shifted).
+
+        With ``row_groups`` > 1 the logits of positions outside a row's group span are
+        0; they are padding, without a label.
+        """
         inputs = self.prepare_inputs(batch)
+        groups = row_groups(inputs.attention_mask, self.row_groups)
+        if len(groups) == 1:
+            return self._decode(inputs), inputs.labels
+        batch_size, length = inputs.attention_mask.shape
+        logits = None
+        for rows, start, stop in groups:
+            part = self._decode(_select(inputs, rows, start, stop))  # (N, stop-start, V)
+            if logits is None:
+                logits = part.new_zeros(batch_size, length, part.shape[-1])
+            columns = torch.arange(start, stop, device=part.device)
+            logits = logits.index_put((rows[:, None], columns[None]), part)
+        return logits, inputs.labels
+
+    def _decode(self, inputs: DecoderInputs) -> torch.Tensor:
+        """The decoder's logits (B, L, V) for ``inputs``."""
         with conditioned(self.decoder, inputs.memory):
             out = self.decoder(
                 inputs_embeds=inputs.embeds,
@@ -147,4 +175,21 @@ class MMFuseModel(nn.Module):
                 position_ids=inputs.position_ids,
                 use_cache=False,
             )
-        return out.logits, inputs.labels
+        return out.logits
+
+
+def _select(inputs: DecoderInputs, rows: torch.Tensor, start: int, stop: int) -> DecoderInputs:
+    """The decoder inputs of ``rows`` (N,) at positions ``[start, stop)``. Slots are shifted
+    by ``start``; all a row attends to lies in the span, so the slots left out of it are
+    padding."""
+    span = slice(start, stop)
+    slots = None if inputs.memory_slots is None else inputs.memory_slots[rows] - start
+    return DecoderInputs(
+        embeds=inputs.embeds[rows, span],
+        attention_mask=inputs.attention_mask[rows, span],
+        position_ids=inputs.position_ids[rows, span],
+        labels=inputs.labels[rows, span],
+        token_slots=inputs.token_slots[rows] - start,
+        memory_slots=slots,
+        memory=None if inputs.memory is None else inputs.memory.index_select(rows),
+    )

@@ -22,6 +22,8 @@ from benchmarks import (
     memory,
     optimisations,
     overhead,
+    row_groups,
+    worker_priority,
 )
 from benchmarks.common import Report, build_model, compose_train, train_batches
 from benchmarks.run import add_feature_cache
@@ -272,3 +274,19 @@ def test_audio_frontend_benchmark_times_both_sides_on_equal_outputs():
     for figure in audio_frontend.FIGURES:
         assert result[f"{figure}_transformers_ms"] > 0 and result[f"{figure}_channels_last_ms"] > 0
     assert result["max_abs_diff"] < 1e-4
+
+
+def test_row_groups_benchmark_runs_fewer_positions_for_the_same_losses(world_dir, tmp_path):
+    overrides = [*tiny_train_overrides(world_dir, tmp_path), "model.row_groups=3"]
+    result = row_groups.measure(batches=2, repeats=1, overrides=overrides)
+    assert result["row_groups"] == 3 and result["one_ms"] > 0 and result["grouped_ms"] > 0
+    assert 0 < result["positions_share"] < 1  # tiny-world batches mix short and long rows
+    assert result["max_loss_diff"] < 1e-5
+
+
+def test_worker_priority_benchmark_times_every_loader(world_dir, tmp_path):
+    result = worker_priority.measure(
+        steps=2, repeats=1, overrides=tiny_train_overrides(world_dir, tmp_path)
+    )
+    assert set(result) == {"no_loader", *worker_priority.LOADERS}
+    assert all(ms > 0 for ms in result.values())

@@ -188,3 +188,43 @@ def test_model_needs_an_encoder(tmp_path):
 def test_encoder_width_must_match(tmp_path):
     with pytest.raises(Exception, match="d_model 16 != 32"):
         build_tiny(tmp_path, overrides=["model.vision.d_model=16"])
+
+
+@pytest.mark.parametrize("conditioning", ["prefix", "gated_xattn"])
+def test_row_groups_give_the_same_logits_loss_and_gradients(tmp_path, media, conditioning):
+    proc, model, _ = build_tiny(tmp_path, overrides=[f"model/conditioning={conditioning}"])
+    model.eval()  # no dropout: both runs compute the same function
+    caption = "a red circle at the top left and a blue square at the bottom right, on grey"
+    records = [*mixed_records(), record("long", "Describe the image.", caption, image="a.png")]
+    batch = collate(proc, records, media)
+    widths = []
+    hook = model.decoder.register_forward_pre_hook(
+        lambda _, args, kwargs: widths.append(kwargs["inputs_embeds"].shape[:2]),
+        with_kwargs=True,
+    )
+    results = {}
+    for groups in (1, 3):
+        model.row_groups = groups
+        model.zero_grad()
+        logits, labels = model(batch)
+        loss, _ = next_token_loss(logits, labels)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[groups] = logits.detach(), loss.detach(), grads
+    hook.remove()
+    (one, loss_one, grads_one), (grouped, loss_grouped, grads_grouped) = results[1], results[3]
+    attended = model.prepare_inputs(batch).attention_mask.bool()
+    torch.testing.assert_close(grouped[attended], one[attended], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_grouped, loss_one, atol=1e-6, rtol=1e-6)
+    assert grads_grouped.keys() == grads_one.keys()
+    for name, grad in grads_one.items():
+        torch.testing.assert_close(grads_grouped[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    # one padded call of 5 rows, then shorter calls that cover every row once
+    (rows, width), *parts = widths
+    assert rows == 5 and len(parts) > 1
+    assert sum(r for r, _ in parts) == 5 and sum(r * w for r, w in parts) < rows * width
+
+
+def test_row_groups_must_be_positive(tmp_path):
+    with pytest.raises(Exception, match="row_groups must be at least 1"):
+        build_tiny(tmp_path, overrides=["model.row_groups=0"])
