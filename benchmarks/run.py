@@ -4,10 +4,10 @@
     .venv/bin/python -m benchmarks.run [--repeats 3] [--threads N] [--compile] [--only a,b]
 
 Sections (``--only`` / ``--skip`` take their names): overhead, generation, feature_cache,
-data, compute, memory, scaling, optim, allocator, audio_frontend, row_groups,
-worker_priority, compile (only with ``--compile``:
-torch.compile takes minutes to build on 2 cores). Figures are ratios measured side by side in
-this run: medians over repeats after warm-up. See benchmarks/README.md for what each one measures.
+data, compute, memory, scaling, optim, allocator, audio_frontend, row_groups, compile (only
+with ``--compile``: torch.compile takes minutes to build on 2 cores). Figures are ratios
+measured side by side in this run: medians over repeats after warm-up. See
+benchmarks/README.md for what each one measures.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from benchmarks import (
     optimisations,
     overhead,
     row_groups,
-    worker_priority,
 )
 from benchmarks.common import (
     BENCH_DIR,
@@ -62,7 +61,6 @@ SECTIONS = (
     "allocator",
     "audio_frontend",
     "row_groups",
-    "worker_priority",
     "compile",
 )
 
@@ -438,17 +436,6 @@ class Bench:
         diff = result["max_loss_diff"]
         r.add("row_groups.max_loss_diff", "  losses, max abs difference", diff, "{:.2g}",
               "< 1e-5", diff < 1e-5)  # fmt: skip
-
-    # -------------------------------------------------------------------- worker priority
-    def worker_priority(self) -> None:
-        r = self.report
-        result = worker_priority.measure(steps=12, repeats=self.repeats + 1)
-        r.extra["worker_priority"] = result
-        floor = result["no_loader"]
-        for name in worker_priority.LOADERS:
-            r.add(f"worker_priority.{name}_ratio", f"training step with loader {name} / none",
-                  result[name] / floor, "{:.2f}", note=f"{result[name]:.1f} / {floor:.1f} ms;"
-                  " demo model")  # fmt: skip
 
     # -------------------------------------------------------------------- compile
     def compile(self) -> None:

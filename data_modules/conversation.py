@@ -17,9 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -188,10 +186,6 @@ class ConversationDataModule(LightningDataModule):
         cache_features: compute the frozen encoders' features once and read them from
             ``cache_dir`` (``mmfuse.feature_cache``).
         cache_dir: root of the feature cache.
-        worker_nice: niceness added to each loader worker process (0 to 19; POSIX only).
-            The model's threads use every core; a worker at 19 decodes in the gaps they
-            leave instead of pre-empting one of them (on 2 cores the training step ran 15%
-            slower next to a worker at 0 or 10, not measurably slower next to one at 19).
     """
 
     def __init__(
@@ -215,11 +209,8 @@ class ConversationDataModule(LightningDataModule):
         audio_bucket_seconds: float | None = 1.0,
         cache_features: bool = False,
         cache_dir: str = "data/feature_cache",
-        worker_nice: int = 0,
     ) -> None:
         super().__init__()
-        if not 0 <= worker_nice <= 19:
-            raise ValueError(f"data.worker_nice must be between 0 and 19, got {worker_nice}")
         if on_bad_record not in ON_BAD_RECORD:
             raise ValueError(
                 f"data.on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}"
@@ -244,7 +235,6 @@ class ConversationDataModule(LightningDataModule):
         self.audio_bucket_seconds = audio_bucket_seconds
         self.cache_features = cache_features
         self.cache_dir = cache_dir
-        self.worker_nice = worker_nice
         self._cache_keys: dict[str, str] = {}
         self._train_sampler: ResumableSampler | None = None
         pad_id = processor.tokenizer.pad_token_id
@@ -319,7 +309,7 @@ class ConversationDataModule(LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=collator,
-            worker_init_fn=partial(init_worker, nice=self.worker_nice),
+            worker_init_fn=_single_thread_worker,
         )
 
     def make_sampler(self, num_replicas: int = 1, rank: int = 0) -> ResumableSampler:
@@ -357,7 +347,7 @@ class ConversationDataModule(LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=self.train_collator,
-            worker_init_fn=partial(init_worker, nice=self.worker_nice),
+            worker_init_fn=_single_thread_worker,
         )
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -375,10 +365,7 @@ class ConversationDataModule(LightningDataModule):
         return loaders
 
 
-def init_worker(_: int, nice: int = 0) -> None:
-    """Loader workers decode media; one thread each, at lower priority by ``nice``, leaves
-    the cores to the model."""
+def _single_thread_worker(_: int) -> None:
+    """Loader workers decode media; one thread each leaves the cores to the model."""
     torch.set_num_threads(1)
-    if nice and hasattr(os, "nice"):
-        os.nice(nice)
     keep_freed_memory()  # a spawned worker does not inherit the parent's settings

@@ -23,7 +23,6 @@ from benchmarks import (
     optimisations,
     overhead,
     row_groups,
-    worker_priority,
 )
 from benchmarks.common import Report, build_model, compose_train, train_batches
 from benchmarks.run import add_feature_cache
@@ -282,11 +281,3 @@ def test_row_groups_benchmark_runs_fewer_positions_for_the_same_losses(world_dir
     assert result["row_groups"] == 3 and result["one_ms"] > 0 and result["grouped_ms"] > 0
     assert 0 < result["positions_share"] < 1  # tiny-world batches mix short and long rows
     assert result["max_loss_diff"] < 1e-5
-
-
-def test_worker_priority_benchmark_times_every_loader(world_dir, tmp_path):
-    result = worker_priority.measure(
-        steps=2, repeats=1, overrides=tiny_train_overrides(world_dir, tmp_path)
-    )
-    assert set(result) == {"no_loader", *worker_priority.LOADERS}
-    assert all(ms > 0 for ms in result.values())
