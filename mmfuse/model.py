@@ -162,8 +162,7 @@ class MMFuseModel(nn.Module):
             part = self._decode(_select(inputs, rows, start, stop))  # (N, stop-start, V)
             if logits is None:
                 logits = part.new_zeros(batch_size, length, part.shape[-1])
-            columns = torch.arange(start, stop, device=part.device)
-            logits = logits.index_put((rows[:, None], columns[None]), part)
+            logits[rows, start:stop] = part  # in place: no copy of the whole batch
         return logits, inputs.labels
 
     def _decode(self, inputs: DecoderInputs) -> torch.Tensor:

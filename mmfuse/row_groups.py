@@ -58,15 +58,16 @@ def row_groups(
     starts = torch.where(attended, columns, width).amin(dim=1)  # (B,)
     stops = torch.where(attended, columns + 1, 0).amax(dim=1)  # (B,)
     starts[~any_attended], stops[~any_attended] = 0, 0
-    order = sorted(range(rows), key=lambda r: (int(stops[r] - starts[r]), int(starts[r])))
-    cuts = _best_cuts(order, starts.tolist(), stops.tolist(), max_groups, min_saving * rows * width)
+    first, last = starts.tolist(), stops.tolist()
+    order = sorted(range(rows), key=lambda r: (last[r] - first[r], first[r]))
+    cuts = _best_cuts(order, first, last, max_groups, min_saving * rows * width)
     if len(cuts) == 1:
         return [everything]
     groups = []
-    for first, last in zip([0, *cuts], cuts, strict=False):
-        members = order[first:last]
-        start = min(int(starts[r]) for r in members)
-        stop = max(int(stops[r]) for r in members)
+    for begin, end in zip([0, *cuts], cuts, strict=False):
+        members = order[begin:end]
+        start = min(first[r] for r in members)
+        stop = max(last[r] for r in members)
         if stop <= start:  # only rows without attended positions: keep one column
             start, stop = 0, 1
         index = torch.tensor(members, device=attention_mask.device)
