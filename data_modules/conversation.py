@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_modules.lengths import record_lengths
 from data_modules.monitor import DataMonitor
+from data_modules.sample_cache import SampleCache
 from data_modules.sampler import (
     LengthGroupedSampler,
     ResumableDataLoader,
@@ -88,6 +89,10 @@ class ConversationDataset(Dataset):
         turns: ``whole`` (one sample per record), ``each``, ``each_alone`` or
             ``each_both`` (one per answer, with or without the turns before it, or both:
             ``data_modules.turns``).
+        sample_cache_mb: keep up to this many MB of processed samples in memory (per
+            process: each loader worker has its own), so that later epochs neither tokenise
+            nor decode media again (``data_modules.sample_cache``); augmented samples are
+            made anew every time.
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class ConversationDataset(Dataset):
         augment: bool = False,
         seed: int = 0,
         turns: str = "whole",
+        sample_cache_mb: float = 0,
     ) -> None:
         if turns not in TURNS:
             raise ValueError(f"data.turns must be one of {TURNS}, got {turns!r}")
@@ -122,6 +128,7 @@ class ConversationDataset(Dataset):
         self.augment = augment
         self.seed = seed
         self.features = None  # a mmfuse.feature_cache.FeatureStore, set by the data module
+        self.cache = SampleCache(int(sample_cache_mb * 2**20))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -132,6 +139,18 @@ class ConversationDataset(Dataset):
         augment_seed = None
         if self.augment and self.processor.augments:
             augment_seed = _augment_seed(self.seed, getattr(index, "epoch", 0), position)
+        elif self.cache.max_bytes:
+            sample = self.cache.get(position)
+            if sample is None:
+                sample = self._process(record, position, None)
+                if isinstance(sample, Sample):
+                    self.cache.put(position, sample)
+            return sample
+        return self._process(record, position, augment_seed)
+
+    def _process(
+        self, record: dict, position: int, augment_seed: int | None
+    ) -> Sample | SkippedRecord:
         try:
             return self.processor(
                 record,
@@ -186,6 +205,9 @@ class ConversationDataModule(LightningDataModule):
         cache_features: compute the frozen encoders' features once and read them from
             ``cache_dir`` (``mmfuse.feature_cache``).
         cache_dir: root of the feature cache.
+        sample_cache_mb: keep up to this many MB of processed samples in memory, per data set
+            and loader worker (``data_modules.sample_cache``): later epochs skip tokenising
+            and decoding media. Not for augmented training samples.
     """
 
     def __init__(
@@ -209,6 +231,7 @@ class ConversationDataModule(LightningDataModule):
         audio_bucket_seconds: float | None = 1.0,
         cache_features: bool = False,
         cache_dir: str = "data/feature_cache",
+        sample_cache_mb: float = 0,
     ) -> None:
         super().__init__()
         if on_bad_record not in ON_BAD_RECORD:
@@ -235,6 +258,7 @@ class ConversationDataModule(LightningDataModule):
         self.audio_bucket_seconds = audio_bucket_seconds
         self.cache_features = cache_features
         self.cache_dir = cache_dir
+        self.sample_cache_mb = sample_cache_mb
         self._cache_keys: dict[str, str] = {}
         self._train_sampler: ResumableSampler | None = None
         pad_id = processor.tokenizer.pad_token_id
@@ -247,7 +271,11 @@ class ConversationDataModule(LightningDataModule):
             self.prepare()
 
     def setup(self, stage: str | None = None) -> None:
-        common = {"tasks": self.tasks, "on_bad_record": self.on_bad_record}
+        common = {
+            "tasks": self.tasks,
+            "on_bad_record": self.on_bad_record,
+            "sample_cache_mb": self.sample_cache_mb,
+        }
         self.train_set = ConversationDataset(
             self.train_path,
             self.processor,
@@ -300,6 +328,7 @@ class ConversationDataModule(LightningDataModule):
                     keys=self._cache_keys,
                 )
             dataset.features = stores[str(dataset.path)]
+            dataset.cache.clear()  # samples kept so far were made without the features
 
     def _loader(self, dataset: Dataset, batch_size: int, collator: Collator, shuffle: bool):
         return SkippingDataLoader(
