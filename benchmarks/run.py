@@ -4,7 +4,8 @@
     .venv/bin/python -m benchmarks.run [--repeats 3] [--threads N] [--compile] [--only a,b]
 
 Sections (``--only`` / ``--skip`` take their names): overhead, generation, feature_cache,
-data, compute, memory, scaling, optim, allocator, audio_frontend, row_groups, compile (only
+data, compute, memory, scaling, optim, allocator, audio_frontend, row_groups, sample_cache,
+compile (only
 with ``--compile``: torch.compile takes minutes to build on 2 cores). Figures are ratios
 measured side by side in this run: medians over repeats after warm-up. See
 benchmarks/README.md for what each one measures.
@@ -35,6 +36,7 @@ from benchmarks import (
     optimisations,
     overhead,
     row_groups,
+    sample_cache,
 )
 from benchmarks.common import (
     BENCH_DIR,
@@ -61,6 +63,7 @@ SECTIONS = (
     "allocator",
     "audio_frontend",
     "row_groups",
+    "sample_cache",
     "compile",
 )
 
@@ -436,6 +439,19 @@ class Bench:
         diff = result["max_loss_diff"]
         r.add("row_groups.max_loss_diff", "  losses, max abs difference", diff, "{:.2g}",
               "< 1e-5", diff < 1e-5)  # fmt: skip
+
+    # -------------------------------------------------------------------- sample cache
+    def sample_cache(self) -> None:
+        r = self.report
+        result = sample_cache.measure(records=640, repeats=self.repeats)
+        r.extra["sample_cache"] = result
+        plain, cached = result["plain_steps_per_s"], result["cached_steps_per_s"]
+        r.add("sample_cache.step_ratio", "training epoch, steps/s from the sample cache / without",
+              cached / plain, "{:.2f}", "> 1", cached > plain,
+              note=f"{plain:.2f} / {cached:.2f} steps/s; demo, 640 records")  # fmt: skip
+        load, kept = result["plain_load_ms"], result["cached_load_ms"]
+        r.add("sample_cache.load_ratio", "  loading a batch, without / from the cache",
+              load / kept, "{:.1f}", note=f"{load:.1f} / {kept:.1f} ms")  # fmt: skip
 
     # -------------------------------------------------------------------- compile
     def compile(self) -> None:

@@ -23,6 +23,7 @@ from benchmarks import (
     optimisations,
     overhead,
     row_groups,
+    sample_cache,
 )
 from benchmarks.common import Report, build_model, compose_train, train_batches
 from benchmarks.run import add_feature_cache
@@ -281,3 +282,11 @@ def test_row_groups_benchmark_runs_fewer_positions_for_the_same_losses(world_dir
     assert result["row_groups"] == 3 and result["one_ms"] > 0 and result["grouped_ms"] > 0
     assert 0 < result["positions_share"] < 1  # tiny-world batches mix short and long rows
     assert result["max_loss_diff"] < 1e-5
+
+
+def test_sample_cache_benchmark_reads_batches_back_faster(world_dir, tmp_path):
+    overrides = tiny_train_overrides(world_dir, tmp_path)
+    result = sample_cache.measure(records=16, repeats=1, overrides=overrides)
+    assert result["records"] == 16 and result["batches"] == 2  # tiny config: batches of 8
+    assert result["cached_load_ms"] < result["plain_load_ms"] / 2
+    assert result["plain_steps_per_s"] > 0 and result["cached_steps_per_s"] > 0
