@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
 from mmfuse.evaluation import runner
-from mmfuse.evaluation.inference import Pass, conversation_nll, option_logprobs
+from mmfuse.evaluation.inference import Pass, _Records, conversation_nll, option_logprobs
 from mmfuse.evaluation.runner import evaluate
 from mmfuse.evaluation.scoring import extract_choice
 from mmfuse.evaluation.tasks import (
@@ -410,3 +411,15 @@ def test_perplexity_pass_matches_the_training_loss(loaded, data: Path) -> None:
     assert sum(v["tokens"] for v in values) == int(count)
     total = sum(v["nll"] for v in values)
     assert total / int(count) == pytest.approx(float(loss), rel=1e-5)
+
+
+def test_the_records_of_a_pass_pickle_without_the_model(loaded, data: Path) -> None:
+    # loader workers started by spawn (macOS, a Hydra joblib job) get a pickled copy; the
+    # model (wav2vec2's weight-normed convolution) does not pickle and must not travel
+    records = read_jsonl(data / "perplexity.jsonl")
+    dataset = _Records(records, _run(loaded, data, 2), for_generation=False)
+    copy = pickle.loads(pickle.dumps(dataset))
+    assert not any(isinstance(v, torch.nn.Module) for v in vars(copy).values())
+    for i in range(len(records)):
+        assert torch.equal(copy[i].input_ids, dataset[i].input_ids)
+        assert torch.equal(copy[i].labels, dataset[i].labels)

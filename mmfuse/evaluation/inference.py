@@ -54,19 +54,25 @@ class Pass:
 
 
 class _Records(Dataset):
+    """Records processed on access. It holds the processor and the pass's settings, not the
+    pass itself: loader workers started by spawn (the default on macOS, and inside a Hydra
+    joblib job) get a pickled copy, and the model does not pickle (nor should it travel)."""
+
     def __init__(self, records: Sequence[dict], run: Pass, for_generation: bool) -> None:
-        self.records, self.run, self.for_generation = records, run, for_generation
+        self.records, self.for_generation = records, for_generation
+        self.processor, self.base_dir, self.source = run.processor, run.base_dir, run.source
+        self.drop_modalities = run.drop_modalities
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> Sample:
-        return self.run.processor(
+        return self.processor(
             self.records[index],
-            self.run.base_dir,
-            self.run.source,
+            self.base_dir,
+            self.source,
             for_generation=self.for_generation,
-            drop_modalities=self.run.drop_modalities,
+            drop_modalities=self.drop_modalities,
         )
 
 
