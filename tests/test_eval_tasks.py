@@ -414,7 +414,7 @@ def test_perplexity_pass_matches_the_training_loss(loaded, data: Path) -> None:
 
 
 def test_the_records_of_a_pass_pickle_without_the_model(loaded, data: Path) -> None:
-    # loader workers started by spawn (macOS, a Hydra joblib job) get a pickled copy; the
+    # loader workers started by spawn or forkserver get a pickled copy of the data set; the
     # model (wav2vec2's weight-normed convolution) does not pickle and must not travel
     records = read_jsonl(data / "perplexity.jsonl")
     dataset = _Records(records, _run(loaded, data, 2), for_generation=False)

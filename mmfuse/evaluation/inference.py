@@ -55,8 +55,9 @@ class Pass:
 
 class _Records(Dataset):
     """Records processed on access. It holds the processor and the pass's settings, not the
-    pass itself: loader workers started by spawn (the default on macOS, and inside a Hydra
-    joblib job) get a pickled copy, and the model does not pickle (nor should it travel)."""
+    pass itself: loader workers started by spawn or forkserver (macOS's default, Python
+    3.14's on Linux) get a pickled copy, and the model does not pickle (nor should it
+    travel)."""
 
     def __init__(self, records: Sequence[dict], run: Pass, for_generation: bool) -> None:
         self.records, self.for_generation = records, for_generation
