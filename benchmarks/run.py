@@ -5,9 +5,8 @@
 
 Sections (``--only`` / ``--skip`` take their names): overhead, generation, feature_cache,
 data, compute, memory, scaling, optim, allocator, audio_frontend, row_groups, sample_cache,
-compile (only
-with ``--compile``: torch.compile takes minutes to build on 2 cores). Figures are ratios
-measured side by side in this run: medians over repeats after warm-up. See
+compile (only with ``--compile``: torch.compile takes minutes to build on 2 cores). Figures
+are ratios measured side by side in this run: medians over repeats after warm-up. See
 benchmarks/README.md for what each one measures.
 """
 

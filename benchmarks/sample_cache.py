@@ -4,9 +4,10 @@ first without tokenising or decoding media.
 Builds the demo model (``experiment=demo``, random weights, seed 0) and two in-process
 training loaders (``num_workers=0``) over the first ``--records`` training records of the
 built-in world, one without the cache and one with it. Times the loader alone per batch (the
-first pass fills the cache, the second reads it), then whole training epochs (load, forward,
-backward, optimiser step), the two loaders taking turns, after an epoch each that fills the
-cache. Prints both and their ratios.
+first pass fills the cache, the second reads it), then whole training epochs (load, then
+``benchmarks.overhead.PlainLoop``'s step: the Lightning module's optimiser, schedule,
+clipping and loss), the two loaders taking turns, after an epoch each that fills the cache.
+Prints both and their ratios.
 
 Needs the built-in world in data/world (``make demo`` makes it).
 
@@ -26,11 +27,10 @@ from benchmarks.common import (
     build_datamodule,
     build_model,
     compose_train,
-    make_optimizer,
     median,
 )
+from benchmarks.overhead import PlainLoop
 from mmfuse.allocator import keep_freed_memory
-from mmfuse.loss import next_token_loss
 
 
 def measure(records: int, repeats: int, overrides=("experiment=demo",)) -> dict[str, float]:
@@ -56,15 +56,12 @@ def measure(records: int, repeats: int, overrides=("experiment=demo",)) -> dict[
         pass_ms(loaders["cached"]),
         pass_ms(loaders["cached"]),
     )
-    optimizer, _ = make_optimizer(model, cfg, total_steps=steps * (2 * repeats + 2))
+    loop = PlainLoop(cfg, model, total_steps=steps * (2 * repeats + 2))
 
     def epoch(name: str):
         def call() -> None:
             for batch in loaders[name]:
-                optimizer.zero_grad(set_to_none=True)
-                loss, _ = next_token_loss(*model(batch))
-                loss.backward()
-                optimizer.step()
+                loop.step(batch)
 
         return call
 

@@ -136,17 +136,17 @@ class ConversationDataset(Dataset):
     def __getitem__(self, index: int) -> Sample | SkippedRecord:
         position = int(index)
         record = self.records[position]
-        augment_seed = None
-        if self.augment and self.processor.augments:
+        if self.augment and self.processor.augments:  # made anew: each epoch differs
             augment_seed = _augment_seed(self.seed, getattr(index, "epoch", 0), position)
-        elif self.cache.max_bytes:
-            sample = self.cache.get(position)
-            if sample is None:
-                sample = self._process(record, position, None)
-                if isinstance(sample, Sample):
-                    self.cache.put(position, sample)
-            return sample
-        return self._process(record, position, augment_seed)
+            return self._process(record, position, augment_seed)
+        if not self.cache.max_bytes:
+            return self._process(record, position, None)
+        sample = self.cache.get(position)
+        if sample is None:
+            sample = self._process(record, position, None)
+            if isinstance(sample, Sample):  # a skipped record is counted again each epoch
+                self.cache.put(position, sample)
+        return sample
 
     def _process(
         self, record: dict, position: int, augment_seed: int | None
