@@ -57,3 +57,26 @@ def test_mismatched_image_size_names_the_key(compose_train, tmp_path: Path) -> N
     cfg = compose_train(["model=tiny", "processor.image.size=32", f"paths.output_dir={tmp_path}"])
     with pytest.raises(ValueError, match="processor.image.size=32"):
         build_processor_and_model(cfg)
+
+
+@pytest.mark.parametrize("conditioning", ["prefix", "gated_xattn"])
+@pytest.mark.parametrize("fusion", ["cross_attention", "perceiver", "qformer", "concat"])
+def test_world_sweep_builds_every_variant_with_the_summed_question(
+    fusion: str, conditioning: str, compose_train, tmp_path: Path
+) -> None:
+    """``experiment=world_sweep`` gives every fusion the same prompt path: a bag-of-words
+    encoder whose summed vectors the fusion adds (``model.fusion.prompt=add``)."""
+    cfg = compose_train(
+        [
+            "experiment=world_sweep",
+            f"model/fusion={fusion}",
+            f"model/conditioning={conditioning}",
+            f"paths.output_dir={tmp_path}",
+        ]
+    )
+    _, model = build_processor_and_model(cfg)
+    assert type(model.encoders["text"]).__name__ == "BagOfWordsEncoder"
+    assert getattr(model.fusion, "prompt_mode", "add") == "add"
+    assert type(model.conditioning).__name__ == (
+        "PrefixConditioning" if conditioning == "prefix" else "GatedCrossAttentionConditioning"
+    )

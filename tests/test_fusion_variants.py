@@ -31,26 +31,31 @@ HAS_IMAGE = [True, False, True, False]
 AUDIO_LENGTHS = [0, 4, 6, 0]
 PROMPT_LENGTHS = [3, 2, 1, 2]
 
-BUILDERS: dict[str, Callable[[list[str]], nn.Module]] = {
-    "perceiver": lambda mods: PerceiverFusion(
-        mods, D, num_queries=L, num_layers=2, num_heads=2, mlp_ratio=2.0
+# builders of (modalities, prompt mode); concat has one way to read a prompt
+BUILDERS: dict[str, Callable[[list[str], str], nn.Module]] = {
+    "perceiver": lambda mods, mode: PerceiverFusion(
+        mods, D, num_queries=L, num_layers=2, num_heads=2, mlp_ratio=2.0, prompt=mode
     ),
-    "qformer": lambda mods: QFormerFusion(
-        mods, D, num_queries=Q, num_layers=2, num_heads=2, mlp_ratio=2.0
+    "qformer": lambda mods, mode: QFormerFusion(
+        mods, D, num_queries=Q, num_layers=2, num_heads=2, mlp_ratio=2.0, prompt=mode
     ),
-    "concat": lambda mods: ConcatFusion(mods, D, mlp_ratio=2.0),
+    "concat": lambda mods, mode: ConcatFusion(mods, D, mlp_ratio=2.0),
 }
-# (variant, with a prompt encoder): concat refuses the prompt
-CASES = [("perceiver", False), ("perceiver", True), ("qformer", False), ("qformer", True)]
-CASES += [("concat", False)]
+DEFAULT_MODE = {"perceiver": "memory", "qformer": "attend", "concat": "add"}
+# (variant, prompt mode or False: no prompt encoder, True: the variant's default mode)
+CASES = [("perceiver", False), ("perceiver", True), ("perceiver", "add"), ("perceiver", "both")]
+CASES += [("qformer", False), ("qformer", True), ("qformer", "add"), ("qformer", "both")]
+CASES += [("concat", False), ("concat", True)]
 
 
-def _build(variant: str, prompt: bool) -> nn.Module:
+def _build(variant: str, prompt: bool | str) -> nn.Module:
     torch.manual_seed(0)
-    return BUILDERS[variant](["audio", "image", "text"] if prompt else ["image", "audio"]).eval()
+    mode = prompt if isinstance(prompt, str) else DEFAULT_MODE[variant]
+    mods = ["audio", "image", "text"] if prompt else ["image", "audio"]
+    return BUILDERS[variant](mods, mode).eval()
 
 
-def _tokens(prompt: bool = False, seed: int = 1) -> dict[str, ModalityTokens]:
+def _tokens(prompt: bool | str = False, seed: int = 1) -> dict[str, ModalityTokens]:
     """A batch of 4 records: image only, audio only, both, none (audio partly padded)."""
     torch.manual_seed(seed)
     image_mask = torch.tensor(HAS_IMAGE)[:, None].expand(-1, N_IMAGE)
@@ -65,24 +70,26 @@ def _tokens(prompt: bool = False, seed: int = 1) -> dict[str, ModalityTokens]:
     return tokens
 
 
-def _expected_mask(variant: str, tokens: dict[str, ModalityTokens]) -> torch.Tensor:
+def _expected_mask(
+    variant: str, tokens: dict[str, ModalityTokens], prompt: bool | str
+) -> torch.Tensor:
     null = torch.ones(4, 1, dtype=torch.bool)
     if variant == "qformer":
         return torch.ones(4, Q, dtype=torch.bool)
     if variant == "concat":
         return torch.cat([null, tokens["image"].mask, tokens["audio"].mask], dim=1)
     parts = [null] + [tokens[m].mask.any(1, keepdim=True).expand(-1, L) for m in ("image", "audio")]
-    if "text" in tokens:
+    if "text" in tokens and prompt != "add":  # the prompt tokens are appended
         parts.append(tokens["text"].mask)
     return torch.cat(parts, dim=1)
 
 
 @pytest.mark.parametrize(("variant", "prompt"), CASES)
-def test_memory_shape_and_mask(variant: str, prompt: bool) -> None:
+def test_memory_shape_and_mask(variant: str, prompt: bool | str) -> None:
     tokens = _tokens(prompt)
     memory = _build(variant, prompt)(tokens)
     assert isinstance(memory, Memory)
-    expected = _expected_mask(variant, tokens)
+    expected = _expected_mask(variant, tokens, prompt)
     assert memory.mask.dtype == torch.bool and torch.equal(memory.mask, expected)
     assert memory.feats.shape == (*expected.shape, D)
     assert torch.isfinite(memory.feats).all()
@@ -94,7 +101,7 @@ def test_memory_shape_and_mask(variant: str, prompt: bool) -> None:
 
 
 @pytest.mark.parametrize(("variant", "prompt"), CASES)
-def test_masked_tokens_do_not_change_the_memory(variant: str, prompt: bool) -> None:
+def test_masked_tokens_do_not_change_the_memory(variant: str, prompt: bool | str) -> None:
     fusion = _build(variant, prompt)
     tokens = _tokens(prompt)
     expected = fusion(tokens)
@@ -115,7 +122,7 @@ def test_masked_tokens_do_not_change_the_memory(variant: str, prompt: bool) -> N
 
 
 @pytest.mark.parametrize(("variant", "prompt"), CASES)
-def test_every_parameter_gets_a_gradient(variant: str, prompt: bool) -> None:
+def test_every_parameter_gets_a_gradient(variant: str, prompt: bool | str) -> None:
     fusion = _build(variant, prompt).train()
     memory = fusion(_tokens(prompt))
     (memory.feats * memory.mask[..., None]).square().sum().backward()  # valid positions only
@@ -153,6 +160,45 @@ def test_perceiver_appends_the_prompt_after_the_latents() -> None:
     torch.testing.assert_close(memory.feats[:, :-P], without.feats)  # resampling ignores it
 
 
+@pytest.mark.parametrize(("variant", "mode"), [case for case in CASES if case[1]])
+def test_the_prompt_conditions_the_memory(variant: str, mode: bool | str) -> None:
+    fusion = _build(variant, mode)
+    mode = mode if isinstance(mode, str) else DEFAULT_MODE[variant]
+    tokens, other = _tokens(mode, seed=1), _tokens(mode, seed=1)
+    other["text"] = _tokens(mode, seed=2)["text"]
+    first, second = fusion(tokens), fusion(other)
+    media = first.mask.clone()
+    if variant == "perceiver" and mode != "add":
+        media[:, -P:] = False  # the appended prompt tokens differ anyway
+    # the memory read from the media depends on the question, except where a mode keeps
+    # the resampling prompt-agnostic (Flamingo's perceiver)
+    changed = not torch.allclose(first.feats[media], second.feats[media], atol=1e-4)
+    assert changed == (variant != "perceiver" or mode != "memory")
+
+
+def test_queries_that_start_from_the_prompt_sum() -> None:
+    """``add``: every query (latent) starts from the summed prompt tokens. The Q-Former
+    then is ``CrossAttentionFusion`` with ``prompt="add"`` (no prompt MLPs), and the
+    perceiver's latents are those of a prompt-agnostic perceiver whose queries were moved
+    by the sum."""
+    qformer = _build("qformer", "add")
+    assert all(block.prompt_mlp is None for block in qformer.blocks)
+    cross = CrossAttentionFusion(["audio", "image", "text"], D, Q, 2, 2, 2.0, prompt="add")
+    cross.load_state_dict(qformer.state_dict())
+    tokens = _tokens("add")
+    torch.testing.assert_close(qformer(tokens).feats, cross.eval()(tokens).feats)
+    perceiver = _build("perceiver", "add")
+    memory = perceiver(tokens)
+    total = (tokens["text"].feats * tokens["text"].mask[..., None]).sum(1, keepdim=True)
+    resampler = perceiver.resamplers["image"]
+    expected = resampler(tokens["image"].feats, tokens["image"].mask, total)
+    torch.testing.assert_close(memory.feats[[0, 2], 1 : 1 + L], expected[[0, 2]])  # with image
+    with pytest.raises(ValueError, match="is not one of"):
+        PerceiverFusion(["image", "text"], D, prompt="attend")
+    with pytest.raises(ValueError, match="is not one of"):
+        QFormerFusion(["image", "text"], D, prompt="memory")
+
+
 def test_qformer_updates_the_prompt_unlike_cross_attention() -> None:
     qformer = _build("qformer", True)
     assert qformer.blocks[0].prompt_mlp is not None and qformer.blocks[-1].prompt_mlp is None
@@ -177,7 +223,7 @@ def test_qformer_updates_the_prompt_unlike_cross_attention() -> None:
     assert not torch.allclose(first.feats, _build("qformer", True)(other).feats, atol=1e-4)
 
 
-def test_concat_order_projection_and_prompt_refusal() -> None:
+def test_concat_order_and_projection() -> None:
     torch.manual_seed(0)
     fusion = ConcatFusion(["audio", "image"], D).eval()  # fixed order, whatever is given
     tokens = _tokens()
@@ -192,8 +238,21 @@ def test_concat_order_projection_and_prompt_refusal() -> None:
         "Dropout",
         "Linear",
     ]
-    with pytest.raises(ValueError, match="model/text=null"):
-        ConcatFusion(["image", "text"], D)
+
+
+def test_concat_projects_each_token_with_the_summed_prompt() -> None:
+    """With a prompt encoder each media token is projected together with the question; the
+    prompt tokens themselves are not in the memory."""
+    torch.manual_seed(0)
+    fusion = ConcatFusion(["image", "audio", "text"], D).eval()
+    tokens = _tokens(prompt=True)
+    memory = fusion(tokens)
+    text = tokens["text"]
+    total = (text.feats * text.mask[..., None]).sum(1, keepdim=True)  # (B, 1, D)
+    audio = tokens["audio"]
+    expected = fusion.projectors["audio"](audio.feats + total) * audio.mask[..., None]
+    torch.testing.assert_close(memory.feats[:, 1 + N_IMAGE :], expected)
+    assert memory.feats.shape[1] == 1 + N_IMAGE + N_AUDIO
 
 
 def test_cross_attention_state_dict_keys_are_unchanged() -> None:
@@ -224,8 +283,10 @@ def test_cross_attention_state_dict_keys_are_unchanged() -> None:
         ["model/fusion=perceiver", "model/text=bert_tiny"],
         ["model/fusion=qformer", "model/text=bert_tiny", "model.fusion.num_layers=2"],
         ["model/fusion=concat"],
+        ["model/fusion=concat", "model/text=bag_of_words"],
+        ["model/fusion=perceiver", "model/text=bag_of_words", "model.fusion.prompt=add"],
     ],
-    ids=["perceiver+text", "qformer+text", "concat"],
+    ids=["perceiver+text", "qformer+text", "concat", "concat+words", "perceiver+words-added"],
 )
 def test_model_trains_every_parameter(overrides: list[str], media: Path, tmp_path: Path) -> None:
     """Every parameter of the tiny model gets a gradient, in a batch with all kinds of records

@@ -89,6 +89,24 @@ def prompt_sum(prompt: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
     return (prompt * prompt_mask[..., None].to(prompt.dtype)).sum(dim=1, keepdim=True)
 
 
+def start_queries(
+    queries: torch.Tensor,
+    batch: int,
+    prompt: torch.Tensor | None,
+    prompt_mask: torch.Tensor | None,
+    mode: str,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Learned queries (M, D) for a batch -> (B, M, D), plus the prompt tokens the blocks
+    still read. With ``mode`` ``add`` or ``both`` every query starts from the summed prompt
+    (it knows what it looks for, "the red one", before it looks); with ``add`` the prompt
+    tokens are not read again (None, None)."""
+    q = queries.expand(batch, -1, -1)
+    if prompt is None or mode not in ("add", "both"):
+        return q, prompt, prompt_mask
+    q = q + prompt_sum(prompt, prompt_mask)
+    return (q, None, None) if mode == "add" else (q, prompt, prompt_mask)
+
+
 class FusionBlock(nn.Module):
     """Pre-norm block: queries self-attend (with the prompt tokens, if any), cross-attend to
     the media, then pass an MLP.
@@ -192,11 +210,9 @@ class CrossAttentionFusion(nn.Module):
         ctx, mask, prompt, prompt_mask = typed_context(
             tokens, self.modalities, self.type_embed, self.null_token
         )  # (B, N, D), (B, N)
-        q = self.queries.expand(batch, -1, -1)  # (B, M, D)
-        if prompt is not None and self.prompt_mode != "attend":
-            q = q + prompt_sum(prompt, prompt_mask)  # every query starts from the question
-            if self.prompt_mode == "add":
-                prompt = prompt_mask = None
+        q, prompt, prompt_mask = start_queries(
+            self.queries, batch, prompt, prompt_mask, self.prompt_mode
+        )  # (B, M, D)
         for block in self.blocks:
             q = block(q, ctx, mask, prompt, prompt_mask)
         q = self.norm(q)

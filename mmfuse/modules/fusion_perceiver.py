@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 from mmfuse.modules.attention import Attention, FeedForward
-from mmfuse.modules.fusion import PROMPT, check_modalities, media_order, null_entry, null_token
+from mmfuse.modules.fusion import (
+    PROMPT,
+    check_modalities,
+    media_order,
+    null_entry,
+    null_token,
+    prompt_sum,
+)
 from mmfuse.types import Memory, ModalityTokens
 
 
@@ -51,6 +58,7 @@ class PerceiverResampler(nn.Module):
         num_heads: attention heads.
         mlp_ratio: MLP width over ``d_model``.
         dropout: dropout in attention and MLPs.
+        query_std: standard deviation of the initial latents.
     """
 
     def __init__(
@@ -61,20 +69,31 @@ class PerceiverResampler(nn.Module):
         num_heads: int,
         mlp_ratio: float,
         dropout: float,
+        query_std: float = 0.02,
     ) -> None:
         super().__init__()
-        self.queries = nn.Parameter(torch.randn(num_latents, d_model) * 0.02)
+        self.queries = nn.Parameter(torch.randn(num_latents, d_model) * query_std)
         self.layers = nn.ModuleList(
             PerceiverLayer(d_model, num_heads, mlp_ratio, dropout) for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, media: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """media (B, N, D) + mask (B, N) -> latents (B, L, D)."""
+    def forward(
+        self, media: torch.Tensor, mask: torch.Tensor, start: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """media (B, N, D) + mask (B, N) -> latents (B, L, D); ``start`` (B, 1, D), if given,
+        is added to every latent before the first layer."""
         latents = self.queries.expand(media.shape[0], -1, -1)
+        if start is not None:
+            latents = latents + start
         for layer in self.layers:
             latents = layer(latents, media, mask)
         return self.norm(latents)
+
+
+PERCEIVER_PROMPT_MODES = ("memory", "add", "both")
+"""How ``PerceiverFusion`` uses the prompt: its tokens are appended to the ``memory``, their
+sum is added to every latent (``add``), or both."""
 
 
 class PerceiverFusion(nn.Module):
@@ -86,9 +105,13 @@ class PerceiverFusion(nn.Module):
     valid for the records that have at least one token of it and masked out for the others.
     Masked-out positions are zero in the memory.
 
-    The prompt (a ``text`` modality) is not resampled: the resamplers are prompt-agnostic, as
-    in Flamingo. Its encoded tokens are appended to the memory with the prompt mask, so the
-    decoder reads the text encoder's features (and the text encoder trains, every step).
+    The prompt (a ``text`` modality) is not resampled. With ``prompt="memory"`` the
+    resamplers are prompt-agnostic, as in Flamingo: its encoded tokens are appended to the
+    memory with the prompt mask, so the decoder reads the text encoder's features (and the
+    text encoder trains, every step). With ``prompt="add"`` the sum of its tokens is added to
+    every latent of every resampler before the first layer, so the latents look for what the
+    question names (as ``CrossAttentionFusion`` does for ``BagOfWordsEncoder`` tokens), and
+    nothing is appended; ``both`` does both.
 
     Args:
         modalities: the modality names this fusion receives, in any order; media come out in
@@ -100,6 +123,10 @@ class PerceiverFusion(nn.Module):
         num_heads: attention heads.
         mlp_ratio: MLP width over ``d_model``.
         dropout: dropout in attention and MLPs.
+        prompt: ``memory``, ``add`` or ``both`` (``PERCEIVER_PROMPT_MODES``, above); used only
+            with a ``text`` modality.
+        query_std: standard deviation of the initial latents (with ``add``, about the size of
+            the prompt sum: see ``CrossAttentionFusion``).
     """
 
     def __init__(
@@ -111,14 +138,19 @@ class PerceiverFusion(nn.Module):
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
+        prompt: str = "memory",
+        query_std: float = 0.02,
     ) -> None:
         super().__init__()
+        if prompt not in PERCEIVER_PROMPT_MODES:
+            raise ValueError(f"fusion.prompt: {prompt!r} is not one of {PERCEIVER_PROMPT_MODES}")
+        self.prompt_mode = prompt
         self.modalities = tuple(modalities)
         self.media = media_order(self.modalities)
         self.resamplers = nn.ModuleDict(
             {
                 m: PerceiverResampler(
-                    d_model, num_queries, num_layers, num_heads, mlp_ratio, dropout
+                    d_model, num_queries, num_layers, num_heads, mlp_ratio, dropout, query_std
                 )
                 for m in self.media
             }
@@ -130,14 +162,18 @@ class PerceiverFusion(nn.Module):
         batch = check_modalities(tokens, self.modalities)
         null_feats, null_mask = null_entry(self.null_token, batch)
         feats, masks = [null_feats], [null_mask]
+        prompt = tokens.get(PROMPT)
+        start = None
+        if prompt is not None and self.prompt_mode != "memory":
+            start = prompt_sum(prompt.feats, prompt.mask)  # (B, 1, D)
         for name in self.media:
             media = tokens[name]
-            latents = self.resamplers[name](media.feats, media.mask)  # (B, L, D)
+            latents = self.resamplers[name](media.feats, media.mask, start)  # (B, L, D)
             present = media.mask.any(dim=1, keepdim=True)  # (B, 1)
             feats.append(latents)
             masks.append(present.expand(-1, latents.shape[1]))
-        if PROMPT in tokens:
-            feats.append(tokens[PROMPT].feats)
-            masks.append(tokens[PROMPT].mask)
+        if prompt is not None and self.prompt_mode != "add":
+            feats.append(prompt.feats)
+            masks.append(prompt.mask)
         mask = torch.cat(masks, dim=1)  # (B, M)
         return Memory(torch.cat(feats, dim=1).masked_fill(~mask[..., None], 0.0), mask)

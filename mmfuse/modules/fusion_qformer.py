@@ -10,9 +10,11 @@ from torch import nn
 from mmfuse.modules.attention import FeedForward
 from mmfuse.modules.fusion import (
     PROMPT,
+    PROMPT_MODES,
     FusionBlock,
     check_modalities,
     null_token,
+    start_queries,
     type_embeddings,
     typed_context,
 )
@@ -80,6 +82,12 @@ class QFormerFusion(nn.Module):
         num_heads: attention heads.
         mlp_ratio: MLP width over ``d_model`` (query and prompt MLPs).
         dropout: dropout in attention and MLPs.
+        prompt: ``attend`` (the prompt tokens join the self-attention, as above), ``add``
+            (their sum is added to every query before the first block and they are not
+            read otherwise, as ``CrossAttentionFusion`` does for ``BagOfWordsEncoder``
+            tokens) or ``both``; used only with a ``text`` modality.
+        query_std: standard deviation of the initial queries (with ``add``, about the size
+            of the prompt sum: see ``CrossAttentionFusion``).
     """
 
     def __init__(
@@ -91,15 +99,20 @@ class QFormerFusion(nn.Module):
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
+        prompt: str = "attend",
+        query_std: float = 0.02,
     ) -> None:
         super().__init__()
+        if prompt not in PROMPT_MODES:
+            raise ValueError(f"fusion.prompt: {prompt!r} is not one of {PROMPT_MODES}")
         self.modalities = tuple(modalities)
-        self.queries = nn.Parameter(torch.randn(num_queries, d_model) * 0.02)
+        self.prompt_mode = prompt
+        self.queries = nn.Parameter(torch.randn(num_queries, d_model) * query_std)
         self.type_embed = type_embeddings(self.modalities, d_model)
         self.null_token = null_token(d_model)
-        # every parameter takes part in every step: no prompt MLP without a prompt, nor in
-        # the last block (its updated prompt would reach nothing)
-        with_prompt = PROMPT in self.modalities
+        # every parameter takes part in every step: no prompt MLP without prompt tokens in
+        # the self-attention, nor in the last block (its updated prompt would reach nothing)
+        with_prompt = PROMPT in self.modalities and prompt != "add"
         self.blocks = nn.ModuleList(
             QFormerBlock(d_model, num_heads, mlp_ratio, dropout, with_prompt and i < num_layers - 1)
             for i in range(num_layers)
@@ -112,7 +125,9 @@ class QFormerFusion(nn.Module):
         ctx, mask, prompt, prompt_mask = typed_context(
             tokens, self.modalities, self.type_embed, self.null_token
         )  # (B, N, D), (B, N), (B, P, D) | None, (B, P) | None
-        q = self.queries.expand(batch, -1, -1)  # (B, M, D)
+        q, prompt, prompt_mask = start_queries(
+            self.queries, batch, prompt, prompt_mask, self.prompt_mode
+        )  # (B, M, D)
         for block in self.blocks:
             q, prompt = block(q, ctx, mask, prompt, prompt_mask)
         q = self.norm(q)
