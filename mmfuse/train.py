@@ -18,6 +18,7 @@ from mmfuse.allocator import keep_freed_memory
 from mmfuse.config import CONFIG_DIR
 from mmfuse.evaluation.after_fit import evaluate_after_fit
 from mmfuse.freezing import apply_freezing
+from mmfuse.init_parts import load_parts
 from mmfuse.launch import multirun_ddp_job
 from mmfuse.lit_module import MMFuseLitModule
 from mmfuse.lora import apply_lora, merge_lora
@@ -53,6 +54,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     processor, model = build_processor_and_model(cfg)
     if init_from:
         load_weights(model, init_from)
+    init_parts = cfg.get("init_parts")
+    if init_parts:
+        load_parts(model, processor, init_parts.get("from"), list(init_parts.get("parts") or []))
     if cfg.get("vision_pretrain"):
         if "image" not in model.encoders:
             raise ValueError("vision_pretrain: the model has no vision encoder (model.vision)")
