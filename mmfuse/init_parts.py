@@ -85,17 +85,22 @@ def load_parts(
 def _check_inputs(part: str, processor: Processor, saved: Processor, model_dir: Path) -> None:
     """Fails when ``part`` would get other inputs than those it was trained on."""
     for modality in ("image", "audio"):
-        if part in (f"encoders.{modality}", f"encoders.{modality}.backbone"):
+        if _overlaps(part, f"encoders.{modality}"):
             mine, theirs = (_settings(p, modality) for p in (processor, saved))
             if mine is None or mine != theirs:
                 raise ValueError(
                     f"init_parts: {part} from {model_dir} was trained on processor.{modality} "
                     f"{theirs}, this run has {mine}"
                 )
-    if part.startswith(_TOKEN_PARTS) and processor.tokenizer.get_vocab() != (
-        saved.tokenizer.get_vocab()
-    ):
+    reads_tokens = any(_overlaps(part, reader) for reader in _TOKEN_PARTS)
+    if reads_tokens and processor.tokenizer.get_vocab() != (saved.tokenizer.get_vocab()):
         raise ValueError(f"init_parts: {part} from {model_dir} was trained with another tokenizer")
+
+
+def _overlaps(part: str, module: str) -> bool:
+    """Whether ``part`` holds some of ``module`` (``encoders`` holds ``encoders.image``, and
+    ``encoders.image.backbone`` is part of it)."""
+    return module == part or module.startswith(f"{part}.") or part.startswith(f"{module}.")
 
 
 def _settings(processor: Processor, modality: str) -> dict | None:

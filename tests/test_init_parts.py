@@ -70,6 +70,10 @@ def test_other_preprocessing_is_refused(trained_run: Path, tmp_path: Path) -> No
     processor, model, _ = build_tiny(tmp_path, overrides=["processor.image.mean=[0.4,0.4,0.4]"])
     with pytest.raises(ValueError, match="trained on processor.image .*this run has"):
         load_parts(model, processor, trained_run / "model", ["encoders.image"])
+    # so is a part that holds the image encoder, or one inside it
+    for part in ("encoders", "encoders.image.backbone"):
+        with pytest.raises(ValueError, match=f"{part} from .* trained on processor.image"):
+            load_parts(model, processor, trained_run / "model", [part])
     # the audio encoder's inputs are unchanged: it loads
     assert load_parts(model, processor, trained_run / "model", ["encoders.audio"]) > 0
 
