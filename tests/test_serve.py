@@ -419,6 +419,36 @@ def test_static_batches_answer_rows_as_they_end_too(server, trained_run, describ
     assert long.future.result() == same_long.future.result()
 
 
+def test_waiting_jobs_are_prefilled_in_groups(trained_run, describe_image):
+    """With continuous batching, waiting jobs start once ``prefill_group`` of them can be
+    prefilled together, or once the oldest has waited ``max_wait_ms``."""
+    model, processor = load_model_dir(trained_run / "model")
+    collator = Collator(processor.tokenizer.pad_token_id, "left", processor.image.size)
+    with pytest.raises(ValueError, match="prefill_group must be between 1 and max_batch_size=4"):
+        DynamicBatcher(model.eval(), collator, max_batch_size=4, prefill_group=5)
+    batcher = DynamicBatcher(
+        model.eval(), collator, max_batch_size=4, max_wait_ms=60_000, prefill_group=3
+    )
+    default = DynamicBatcher(model, collator, max_batch_size=16)
+    default.close()
+    assert default.prefill_group == 8  # half of max_batch_size
+    try:
+        config = GenerationConfig(max_new_tokens=2)
+        first = [batcher.submit(Job(describe_image, config)) for _ in range(2)]
+        time.sleep(0.3)
+        assert batcher.batch_sizes == [] and not any(f.done() for f in first)  # two of three
+        third = batcher.submit(Job(describe_image, config))
+        answers = [f.result(timeout=60) for f in [*first, third]]
+        assert batcher.batch_sizes == [3]
+        assert len({a.text for a in answers}) == 1  # the same prompt, greedy
+        # a job that has waited max_wait_ms goes alone
+        late = Job(describe_image, config, arrived=time.monotonic() - 120)
+        assert batcher.submit(late).result(timeout=60) == answers[0]
+        assert batcher.batch_sizes == [3, 1]
+    finally:
+        batcher.close()
+
+
 def test_a_request_joins_the_rows_in_decoding(server, describe_image):
     _, batcher = server
     assert batcher.continuous

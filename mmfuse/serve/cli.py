@@ -29,6 +29,7 @@ def build_server(cfg: DictConfig) -> tuple[FastAPI, DynamicBatcher | EngineProce
         max_batch_size=batching.max_batch_size,
         max_wait_ms=batching.max_wait_ms,
         continuous=batching.continuous,
+        prefill_group=batching.get("prefill_group"),
     )
     if batching.separate_process:  # the model is loaded in the child; here the processor only
         batcher, processor = EngineProcess(engine), load_processor_dir(cfg.ckpt)

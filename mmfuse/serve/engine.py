@@ -52,6 +52,7 @@ class EngineSettings:
     max_batch_size: int = 8
     max_wait_ms: float = 10
     continuous: bool = True
+    prefill_group: int | None = None
 
 
 def build_batcher(settings: EngineSettings) -> tuple[DynamicBatcher, Processor]:
@@ -66,7 +67,12 @@ def build_batcher(settings: EngineSettings) -> tuple[DynamicBatcher, Processor]:
     model, processor = load_model_dir(settings.ckpt, settings.device)
     collator = Collator(processor.tokenizer.pad_token_id, "left", processor.image.size)
     batcher = DynamicBatcher(
-        model, collator, settings.max_batch_size, settings.max_wait_ms, settings.continuous
+        model,
+        collator,
+        settings.max_batch_size,
+        settings.max_wait_ms,
+        settings.continuous,
+        settings.prefill_group,
     )
     return batcher, processor
 
