@@ -15,6 +15,7 @@ from conftest import tiny_train_overrides
 from benchmarks import (
     allocator,
     audio_frontend,
+    batcher_load,
     compute,
     data_pipeline,
     feature_cache,
@@ -290,3 +291,17 @@ def test_sample_cache_benchmark_reads_batches_back_faster(world_dir, tmp_path):
     assert result["records"] == 16 and result["batches"] == 2  # tiny config: batches of 8
     assert result["cached_load_ms"] < result["plain_load_ms"] / 2
     assert result["plain_steps_per_s"] > 0 and result["cached_steps_per_s"] > 0
+
+
+def test_batcher_load_counts_prefills_per_group(trained_run, world_dir):
+    args = ["--ckpt", str(trained_run / "model"), "--world", str(world_dir), "--requests", "8"]
+    args += ["--clients", "4", "--max-batch", "4", "--groups", "1", "4", "--rounds", "1"]
+    results = batcher_load.main([*args, "--max-tokens", "3", "--max-wait-ms", "10000"])
+    assert list(results) == ["one at a time", "prefill_group=1", "prefill_group=4"]
+    alone = results["one at a time"]
+    assert alone["prefills_per_round"] == 8 and alone["over_one_at_a_time"] == 1.0
+    # four clients, groups of four: a group starts once all four clients have sent their
+    # next request (the wait of 10 s is never reached)
+    assert results["prefill_group=4"]["prefills_per_round"] == 2
+    assert results["prefill_group=1"]["prefills_per_round"] >= 2
+    assert all(r["answers_differing"] == 0 for r in results.values())
