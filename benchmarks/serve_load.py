@@ -114,9 +114,17 @@ def measured_round(
     return round_
 
 
+def load_test_request(world: Path, i: int) -> tuple[dict[str, Path], str]:
+    """The ``i``-th request of the load test: the media of the world's ``i``-th test record
+    (kind -> path: "image" and/or "audio") and one of ``QUESTIONS``, in turn."""
+    lines = (world / "test.jsonl").read_text().splitlines()
+    record = json.loads(lines[i % len(lines)])
+    media = {p["type"]: world / p["path"] for p in record["messages"][0]["content"] if "path" in p}
+    return media, QUESTIONS[i % len(QUESTIONS)]
+
+
 def messages(world: Path, i: int) -> list[dict]:
-    record = json.loads((world / "test.jsonl").read_text().splitlines()[i])
-    paths = {p["type"]: world / p["path"] for p in record["messages"][0]["content"] if "path" in p}
+    paths, question = load_test_request(world, i)
     content = []
     if "image" in paths:
         data = base64.b64encode(paths["image"].read_bytes()).decode()
@@ -124,7 +132,7 @@ def messages(world: Path, i: int) -> list[dict]:
     if "audio" in paths:
         data = base64.b64encode(paths["audio"].read_bytes()).decode()
         content.append({"type": "input_audio", "input_audio": {"data": data, "format": "wav"}})
-    content.append({"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]})
+    content.append({"type": "text", "text": question})
     return [{"role": "user", "content": content}]
 
 

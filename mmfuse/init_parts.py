@@ -93,7 +93,7 @@ def _check_inputs(part: str, processor: Processor, saved: Processor, model_dir: 
                     f"{theirs}, this run has {mine}"
                 )
     reads_tokens = any(_overlaps(part, reader) for reader in _TOKEN_PARTS)
-    if reads_tokens and processor.tokenizer.get_vocab() != (saved.tokenizer.get_vocab()):
+    if reads_tokens and processor.tokenizer.get_vocab() != saved.tokenizer.get_vocab():
         raise ValueError(f"init_parts: {part} from {model_dir} was trained with another tokenizer")
 
 

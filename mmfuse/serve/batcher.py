@@ -5,10 +5,10 @@ them can be (that many wait and that many rows are free) or the oldest has waite
 ``max_wait_ms``; they then join the rows in decoding between two steps (continuous batching),
 and each row leaves, with its answer, as soon as it ends. A prefill has a large fixed cost on a
 CPU (the encoders and the decoder over the prompts, op by op: 5.2 ms for one image+audio
-prompt, 33 ms for 16 with the demo model), so new rows are worth gathering: admitting them as
-soon as any row is free made prefills of 2-3 jobs. Every
-row has its own decoding config and generator, so a seeded request gives the same answer alone
-or in company.
+prompt, 33 ms for 16 with the demo model), so new rows are worth gathering: admitting them
+once they filled the free rows made prefills of about 5 jobs behind the server. Every row has
+its own decoding config and generator, so a seeded request gives the same answer alone or in
+company.
 """
 
 from __future__ import annotations
