@@ -300,8 +300,8 @@ def test_batcher_load_counts_prefills_per_group(trained_run, world_dir):
     assert list(results) == ["one at a time", "prefill_group=1", "prefill_group=4"]
     alone = results["one at a time"]
     assert alone["prefills_per_round"] == 8 and alone["over_one_at_a_time"] == 1.0
-    # four clients, groups of four: a group starts once all four clients have sent their
-    # next request (the wait of 10 s is never reached)
-    assert results["prefill_group=4"]["prefills_per_round"] == 2
-    assert results["prefill_group=1"]["prefills_per_round"] >= 2
+    # four clients, groups of four in a batch of four: jobs that come while rows decode wait
+    # until the batch is empty (the wait of 10 s is never reached), then start together
+    assert 2 <= results["prefill_group=4"]["prefills_per_round"] < 8
+    assert 2 <= results["prefill_group=1"]["prefills_per_round"] <= 8
     assert all(r["answers_differing"] == 0 for r in results.values())

@@ -8,7 +8,7 @@ import json
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -387,18 +387,6 @@ def _short_and_long(batcher: DynamicBatcher, sample: Sample) -> tuple[Job, Job, 
     return short, long, long_text_at_short_answer
 
 
-def test_a_short_row_is_answered_before_its_batch_ends(server, describe_image):
-    _, batcher = server
-    before = len(batcher.batch_sizes)
-    short, long, long_text_at_short_answer = _short_and_long(batcher, describe_image)
-    assert short.future.result().completion_tokens == 1
-    assert short.future.result().finish_reason == "length"
-    assert long.future.result().completion_tokens > 2
-    assert batcher.batch_sizes[before:] == [2]
-    # the short row had its answer while the long row was still being generated
-    assert len(long_text_at_short_answer[0]) < len(long.future.result().text)
-
-
 def test_static_batches_answer_rows_as_they_end_too(server, trained_run, describe_image):
     """``continuous=False`` (what cross-attention models get): one ``generate`` call per
     batch, each answer still sent when its row ends, and the same answers."""
@@ -420,31 +408,46 @@ def test_static_batches_answer_rows_as_they_end_too(server, trained_run, describ
 
 
 def test_waiting_jobs_are_prefilled_in_groups(trained_run, describe_image):
-    """With continuous batching, waiting jobs start once ``prefill_group`` of them can be
-    prefilled together, or once the oldest has waited ``max_wait_ms``."""
+    """With continuous batching, a job that comes to an idle batcher starts at once; jobs
+    that come while rows are decoding start once ``prefill_group`` of them can be prefilled
+    together, or once the oldest has waited ``max_wait_ms``."""
     model, processor = load_model_dir(trained_run / "model")
     collator = Collator(processor.tokenizer.pad_token_id, "left", processor.image.size)
     with pytest.raises(ValueError, match="prefill_group must be between 1 and max_batch_size=4"):
         DynamicBatcher(model.eval(), collator, max_batch_size=4, prefill_group=5)
-    batcher = DynamicBatcher(
-        model.eval(), collator, max_batch_size=4, max_wait_ms=60_000, prefill_group=3
-    )
     default = DynamicBatcher(model, collator, max_batch_size=16)
     default.close()
     assert default.prefill_group == 8  # half of max_batch_size
+    # a minute's wait for company: every start below is due to the rule, not to the clock
+    batcher = DynamicBatcher(
+        model.eval(), collator, max_batch_size=5, max_wait_ms=60_000, prefill_group=3
+    )
+    config = GenerationConfig(max_new_tokens=2)
+    group: list[Future] = []
+    sizes_before_the_third: list[list[int]] = []
+
+    def on_text(text: str) -> None:  # runs on the batcher's thread, between two steps
+        pieces.append(text)
+        if len(pieces) == 1:  # the long row is decoding: two jobs come
+            group.extend(batcher.submit(Job(describe_image, config)) for _ in range(2))
+        elif len(pieces) == 4:  # steps later they still wait; a third comes
+            sizes_before_the_third.append(list(batcher.batch_sizes))
+            group.append(batcher.submit(Job(describe_image, config)))
+
+    pieces: list[str] = []
+    long_config = GenerationConfig(max_new_tokens=40, do_sample=True, temperature=3.0, seed=1)
     try:
-        config = GenerationConfig(max_new_tokens=2)
-        first = [batcher.submit(Job(describe_image, config)) for _ in range(2)]
-        time.sleep(0.3)
-        assert batcher.batch_sizes == [] and not any(f.done() for f in first)  # two of three
-        third = batcher.submit(Job(describe_image, config))
-        answers = [f.result(timeout=60) for f in [*first, third]]
-        assert batcher.batch_sizes == [3]
+        started = time.monotonic()
+        long = batcher.submit(Job(describe_image, long_config, on_text=on_text))
+        assert long.result(timeout=60).completion_tokens > 10
+        answers = [f.result(timeout=60) for f in group]
+        assert time.monotonic() - started < 30  # nobody waited max_wait_ms
+        assert sizes_before_the_third == [[1]]  # two of three wait
+        assert batcher.batch_sizes == [1, 4]  # the three joined the long row together
         assert len({a.text for a in answers}) == 1  # the same prompt, greedy
-        # a job that has waited max_wait_ms goes alone
-        late = Job(describe_image, config, arrived=time.monotonic() - 120)
-        assert batcher.submit(late).result(timeout=60) == answers[0]
-        assert batcher.batch_sizes == [3, 1]
+        # rows free again, the next job starts alone at once
+        alone = batcher.submit(Job(describe_image, config)).result(timeout=30)
+        assert alone == answers[0] and batcher.batch_sizes == [1, 4, 1]
     finally:
         batcher.close()
 
@@ -467,6 +470,7 @@ def test_a_request_joins_the_rows_in_decoding(server, describe_image):
     before = len(batcher.batch_sizes)
     batcher.submit(long)
     late_answer = late.future.result(timeout=60)
+    assert (late_answer.completion_tokens, late_answer.finish_reason) == (2, "length")
     streamed_by_then = len("".join(pieces))
     assert long.future.result(timeout=60).completion_tokens > 10
     # the late job was prefilled alone, then decoded in the same batch as the long row,

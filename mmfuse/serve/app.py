@@ -8,10 +8,10 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -46,8 +46,15 @@ class ServerSettings:
 
 
 def create_app(processor: Processor, batcher: DynamicBatcher, settings: ServerSettings) -> FastAPI:
-    """Builds the app around a running batcher (which owns the model)."""
+    """Builds the app around a running batcher (which owns the model).
+
+    Requests are processed (media decoded, the prompt tokenized) on one thread of their own,
+    first come first served, so that the event loop goes on streaming meanwhile. Processing
+    is Python that holds the interpreter lock, so more threads would not process faster:
+    with anyio's pool, a burst of requests shared the lock among a dozen threads and each
+    waited for all (4-7 ms for 0.3 ms of work on the demo model at concurrency 16)."""
     app = FastAPI(title="mmfuse", docs_url=None, redoc_url=None, openapi_url=None)
+    processing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmfuse-processor")
     created = int(time.time())
 
     @app.exception_handler(APIError)
@@ -102,7 +109,8 @@ def create_app(processor: Processor, batcher: DynamicBatcher, settings: ServerSe
                 "model_not_found",
             )
         try:
-            sample = await run_in_threadpool(processor.prompt, chat.messages)
+            loop = asyncio.get_running_loop()
+            sample = await loop.run_in_executor(processing, processor.prompt, chat.messages)
         except RecordError as err:
             raise APIError(400, f"cannot process the messages: {err}", "messages") from err
         if chat.stream:

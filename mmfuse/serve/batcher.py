@@ -1,14 +1,17 @@
 """Dynamic batching: concurrent requests are decoded together.
 
-One worker thread owns the model. Waiting jobs are prefilled together once ``prefill_group`` of
-them can be (that many wait and that many rows are free) or the oldest has waited
-``max_wait_ms``; they then join the rows in decoding between two steps (continuous batching),
-and each row leaves, with its answer, as soon as it ends. A prefill has a large fixed cost on a
-CPU (the encoders and the decoder over the prompts, op by op: 5.2 ms for one image+audio
-prompt, 33 ms for 16 with the demo model), so new rows are worth gathering: admitting them
-once they filled the free rows made prefills of about 5 jobs behind the server. Every row has
-its own decoding config and generator, so a seeded request gives the same answer alone or in
-company.
+One worker thread owns the model. A job that comes while nothing is decoding starts at once.
+Jobs that come while rows are decoding wait, and are prefilled together once
+``prefill_group`` of them can be (that many wait and that many rows are free) or the oldest
+has waited ``max_wait_ms``; they then join the rows in decoding between two steps (continuous
+batching), and each row leaves, with its answer, as soon as it ends. A prefill has a large
+fixed cost on a CPU (the encoders and the decoder over the prompts, op by op: 5.2 ms for one
+image+audio prompt, 33 ms for 16 with the demo model), so new rows are worth gathering while
+the batch is busy decoding: admitting them once they filled the free rows made prefills of
+about 5 jobs behind the server. An idle batcher has nothing to gain from waiting (as TGI
+prefills at once into an empty batch): before, a lone request waited ``max_wait_ms`` for
+company. Every row has its own decoding config and generator, so a seeded request gives the
+same answer alone or in company.
 """
 
 from __future__ import annotations
@@ -112,11 +115,13 @@ class DynamicBatcher:
         collator: a left-padding collator for prompts.
         max_batch_size: most rows decoded together.
         max_wait_ms: how long a job may wait for company before it is prefilled (with others
-            that came meanwhile) and joins the rows in decoding.
+            that came meanwhile): with continuous batching, a job that comes while rows are
+            decoding (one that comes to an idle batcher starts at once).
         continuous: join and leave between steps (where the model allows it).
         prefill_group: with continuous batching, how many waiting jobs to prefill together
-            (fewer once the oldest has waited ``max_wait_ms``); None: half of
-            ``max_batch_size``. Static batches start when they fill ``max_batch_size``.
+            while rows are decoding (fewer once the oldest has waited ``max_wait_ms``); None:
+            half of ``max_batch_size``. Static batches start when they fill
+            ``max_batch_size``.
     """
 
     def __init__(
@@ -158,10 +163,13 @@ class DynamicBatcher:
         tokenizer = self.model.tokenizer
         return _RowText(job, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
 
-    def _due(self, waiting: list[Job], free: int) -> bool:
-        """Whether to start the waiting jobs now: the oldest has waited ``max_wait_ms``, or
-        ``prefill_group`` of them can join the rows in decoding (a static batch: they fill
-        it). Prefilling jobs together costs far less than one by one."""
+    def _due(self, waiting: list[Job], free: int, decoding: bool) -> bool:
+        """Whether to start the waiting jobs now. Continuous batching: at once when nothing
+        is decoding; else once ``prefill_group`` of them can join the rows in decoding or the
+        oldest has waited ``max_wait_ms`` (prefilling jobs together costs far less than one
+        by one). Static batches: once they fill the batch or the oldest has waited."""
+        if self.continuous and not decoding:
+            return True
         if time.monotonic() - waiting[0].arrived >= self.max_wait:
             return True
         if not self.continuous:
@@ -170,11 +178,12 @@ class DynamicBatcher:
 
     def _collect(self, waiting: list[Job], decoding: bool) -> bool:
         """Moves queued jobs to ``waiting``: with nothing in decoding, first sleeping until a
-        job comes or, when some wait, until the oldest is due or more come; else only what is
-        queued now. Returns whether ``close()`` was called (jobs after it are not taken)."""
+        job comes or, when some wait and are not due yet (static batches), until the oldest
+        is due or more come; else only what is queued now. Returns whether ``close()`` was
+        called (jobs after it are not taken)."""
         if not decoding and not waiting:
             waiting.append(self.queue.get())
-        elif not decoding and len(waiting) < self.max_batch_size:
+        elif not decoding and not self._due(waiting, self.max_batch_size, decoding):
             timeout = waiting[0].arrived + self.max_wait - time.monotonic()
             try:
                 waiting.append(self.queue.get(timeout=max(0.0, timeout)))
@@ -198,7 +207,7 @@ class DynamicBatcher:
                 stopping = self._collect(waiting, decoding=bool(rows))
             free = self.max_batch_size - len(rows)
             jobs: list[Job] = []
-            if waiting and free > 0 and (stopping or self._due(waiting, free)):
+            if waiting and free > 0 and (stopping or self._due(waiting, free, bool(rows))):
                 jobs, waiting = waiting[:free], waiting[free:]
             elif not rows:
                 continue
