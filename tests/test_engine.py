@@ -36,14 +36,14 @@ CONFIGS = [
 
 
 def _run(batcher, sample: Sample) -> list[tuple[object, str]]:
-    """Submits one streamed job per config together; (completion, streamed text) each."""
+    """Submits one streamed job per config together (one message to the child);
+    (completion, streamed text) each."""
     streamed: list[list[str]] = [[] for _ in CONFIGS]
     jobs = [
         Job(sample, config, on_text=pieces.append)
         for config, pieces in zip(CONFIGS, streamed, strict=True)
     ]
-    for job in jobs:
-        batcher.submit(job)
+    batcher.submit_all(jobs)
     pairs = zip(jobs, streamed, strict=True)
     return [(job.future.result(timeout=60), "".join(pieces)) for job, pieces in pairs]
 
@@ -52,6 +52,7 @@ def test_child_answers_and_streams_what_the_thread_does(settings, sample):
     local, _ = build_batcher(settings)
     try:
         expected = _run(local, sample)
+        assert local.batch_sizes == [3]  # prefilled together
     finally:
         local.close()
     engine = EngineProcess(settings)

@@ -145,8 +145,9 @@ def test_turn_equals_chat_cli(client, trained_run, world_dir, prompt, use_image,
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
-def test_seeded_sampling_and_n_equal_chat_cli(client, trained_run, world_dir):
+def test_seeded_sampling_and_n_equal_chat_cli(client, server, trained_run, world_dir):
     image, _ = world_media(world_dir)
+    before = len(server[1].batch_sizes)
     response = client.chat.completions.create(
         model=NAME,
         messages=[{"role": "user", "content": _content("Describe the image.", image)}],
@@ -168,6 +169,7 @@ def test_seeded_sampling_and_n_equal_chat_cli(client, trained_run, world_dir):
         )
         assert choice.message.content == expected
     assert response.usage.completion_tokens > 0
+    assert server[1].batch_sizes[before:] == [2]  # the two choices were prefilled together
 
 
 def test_streaming_gives_the_same_text(client, world_dir):
@@ -380,11 +382,22 @@ def _short_and_long(batcher: DynamicBatcher, sample: Sample) -> tuple[Job, Job, 
     long_config = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=3.0, seed=0)
     long = Job(sample, long_config, on_text=long_text.append)
     short.future.add_done_callback(lambda _: long_text_at_short_answer.append("".join(long_text)))
-    batcher.submit(short)
-    batcher.submit(long)
+    batcher.submit_all([short, long])
     short.future.result(timeout=60)
     long.future.result(timeout=60)
     return short, long, long_text_at_short_answer
+
+
+def test_a_short_row_is_answered_before_its_batch_ends(server, describe_image):
+    _, batcher = server
+    before = len(batcher.batch_sizes)
+    short, long, long_text_at_short_answer = _short_and_long(batcher, describe_image)
+    assert short.future.result().completion_tokens == 1
+    assert short.future.result().finish_reason == "length"
+    assert long.future.result().completion_tokens > 2
+    assert batcher.batch_sizes[before:] == [2]
+    # the short row had its answer while the long row was still being generated
+    assert len(long_text_at_short_answer[0]) < len(long.future.result().text)
 
 
 def test_static_batches_answer_rows_as_they_end_too(server, trained_run, describe_image):

@@ -118,7 +118,7 @@ def create_app(processor: Processor, batcher: DynamicBatcher, settings: ServerSe
                 _stream(batcher, sample, chat, settings.model_name), media_type="text/event-stream"
             )
         jobs = [Job(sample, config, chat.stop) for config in chat.choices]
-        done = await asyncio.gather(*(asyncio.wrap_future(batcher.submit(j)) for j in jobs))
+        done = await asyncio.gather(*map(asyncio.wrap_future, batcher.submit_all(jobs)))
         return _response(chat, done, len(sample.input_ids), settings.model_name)
 
     return app
@@ -177,12 +177,10 @@ async def _stream(
     def on_text(index: int):
         return lambda text: loop.call_soon_threadsafe(events.put_nowait, (index, text))
 
-    futures = []
-    for i, config in enumerate(chat.choices):
-        job = Job(sample, config, chat.stop, on_text(i))
-        future = asyncio.wrap_future(batcher.submit(job))
+    jobs = [Job(sample, c, chat.stop, on_text(i)) for i, c in enumerate(chat.choices)]
+    futures = [asyncio.wrap_future(f) for f in batcher.submit_all(jobs)]
+    for i, future in enumerate(futures):
         future.add_done_callback(lambda f, i=i: events.put_nowait((i, f)))
-        futures.append(future)
     for i in range(len(chat.choices)):
         yield chunk(
             [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]

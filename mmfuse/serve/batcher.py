@@ -19,7 +19,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -144,7 +144,7 @@ class DynamicBatcher:
         self.model, self.collator = model, collator
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
         self.continuous = continuous and isinstance(model.conditioning, PrefixConditioning)
-        self.queue: queue.Queue[Job | None] = queue.Queue()
+        self.queue: queue.Queue[list[Job] | None] = queue.Queue()  # None: close()
         # rows decoded together after each admission (or static batch), for tests and benchmarks
         self.batch_sizes: list[int] = []
         self._eos = model.tokenizer.eos_token_id
@@ -152,8 +152,13 @@ class DynamicBatcher:
         self._thread.start()
 
     def submit(self, job: Job) -> Future:
-        self.queue.put(job)
-        return job.future
+        return self.submit_all([job])[0]
+
+    def submit_all(self, jobs: Sequence[Job]) -> list[Future]:
+        """Submits jobs that are to start together (the ``n`` choices of one request): they
+        are queued as one item, so the loop never takes some of them without the others."""
+        self.queue.put(list(jobs))
+        return [job.future for job in jobs]
 
     def close(self) -> None:
         self.queue.put(None)
@@ -181,22 +186,24 @@ class DynamicBatcher:
         job comes or, when some wait and are not due yet (static batches), until the oldest
         is due or more come; else only what is queued now. Returns whether ``close()`` was
         called (jobs after it are not taken)."""
+        items: list[list[Job] | None] = []
         if not decoding and not waiting:
-            waiting.append(self.queue.get())
+            items.append(self.queue.get())
         elif not decoding and not self._due(waiting, self.max_batch_size, decoding):
             timeout = waiting[0].arrived + self.max_wait - time.monotonic()
             try:
-                waiting.append(self.queue.get(timeout=max(0.0, timeout)))
+                items.append(self.queue.get(timeout=max(0.0, timeout)))
             except queue.Empty:
                 pass
         while True:
             try:
-                waiting.append(self.queue.get_nowait())
+                items.append(self.queue.get_nowait())
             except queue.Empty:
                 break
-        if None in waiting:
-            del waiting[waiting.index(None) :]
-            return True
+        for item in items:
+            if item is None:
+                return True
+            waiting.extend(item)
         return False
 
     def _loop(self) -> None:

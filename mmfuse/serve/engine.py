@@ -7,7 +7,7 @@ a child process instead (``batching.separate_process``; as vLLM runs its engine 
 from its API server): the parent processes requests and streams answers, the child only
 generates. It is the default: on 2 CPU cores the load test serves 189 requests/s this way,
 115 with the model on a thread (README, "Serving"). It has the batcher's interface
-(``submit``, ``close``), so the app cannot tell them apart.
+(``submit``, ``submit_all``, ``close``), so the app cannot tell them apart.
 
 Jobs go to the child and events come back over one pipe, as pickles (``send_bytes``: no
 shared-memory handles for the small prompt tensors) that carry CPU tensors as numpy arrays:
@@ -26,7 +26,7 @@ import pickle
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -115,19 +115,30 @@ class EngineProcess:
         self._reader.start()
 
     def submit(self, job: Job) -> Future:
+        return self.submit_all([job])[0]
+
+    def submit_all(self, jobs: Sequence[Job]) -> list[Future]:
+        """Sends jobs that are to start together (``DynamicBatcher.submit_all``) in one
+        message (a shared prompt is pickled once)."""
+        futures = [job.future for job in jobs]
         with self._lock:
             if self._ended is not None:
-                job.future.set_exception(RuntimeError(self._ended))
-                return job.future
-            ident = next(self._ids)
-            message = (ident, job.sample, job.config, job.stop, job.on_text is not None)
+                for job in jobs:
+                    job.future.set_exception(RuntimeError(self._ended))
+                return futures
+            idents = [next(self._ids) for _ in jobs]
+            message = [
+                (ident, job.sample, job.config, job.stop, job.on_text is not None)
+                for ident, job in zip(idents, jobs, strict=True)
+            ]
             try:
                 self._conn.send_bytes(_dumps(message))
             except OSError:  # the child is gone; the reader has not noticed yet
-                job.future.set_exception(RuntimeError("the engine process ended"))
-                return job.future
-            self._jobs[ident] = job
-        return job.future
+                for job in jobs:
+                    job.future.set_exception(RuntimeError("the engine process ended"))
+                return futures
+            self._jobs.update(zip(idents, jobs, strict=True))
+        return futures
 
     def close(self) -> None:
         """Stops the child after the jobs it has; waits for it."""
@@ -235,11 +246,13 @@ def _child_main(conn: Connection, settings: EngineSettings) -> None:
             break
         if message is None:
             break
-        ident, sample, config, stop, streamed = message
-        on_text = (lambda text, i=ident: outbox.put((_TEXT, i, text))) if streamed else None
-        job = Job(sample, config, stop, on_text)
-        job.future.add_done_callback(lambda future, i=ident: finished(i, future))
-        batcher.submit(job)
+        jobs = []
+        for ident, sample, config, stop, streamed in message:
+            on_text = (lambda text, i=ident: outbox.put((_TEXT, i, text))) if streamed else None
+            job = Job(sample, config, stop, on_text)
+            job.future.add_done_callback(lambda future, i=ident: finished(i, future))
+            jobs.append(job)
+        batcher.submit_all(jobs)
     batcher.close()
     outbox.put(None)
     sender.join(timeout=10)
