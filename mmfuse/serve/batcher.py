@@ -8,10 +8,9 @@ batching), and each row leaves, with its answer, as soon as it ends. A prefill h
 fixed cost on a CPU (the encoders and the decoder over the prompts, op by op: 5.2 ms for one
 image+audio prompt, 33 ms for 16 with the demo model), so new rows are worth gathering while
 the batch is busy decoding: admitting them once they filled the free rows made prefills of
-about 5 jobs behind the server. An idle batcher has nothing to gain from waiting (as TGI
-prefills at once into an empty batch): before, a lone request waited ``max_wait_ms`` for
-company. Every row has its own decoding config and generator, so a seeded request gives the
-same answer alone or in company.
+about 5 jobs behind the server. An idle batcher has nothing to gain from waiting, so it
+starts a job at once (as TGI prefills into an empty batch). Every row has its own decoding
+config and generator, so a seeded request gives the same answer alone or in company.
 """
 
 from __future__ import annotations
@@ -114,9 +113,9 @@ class DynamicBatcher:
         model: the model (eval mode).
         collator: a left-padding collator for prompts.
         max_batch_size: most rows decoded together.
-        max_wait_ms: how long a job may wait for company before it is prefilled (with others
-            that came meanwhile): with continuous batching, a job that comes while rows are
-            decoding (one that comes to an idle batcher starts at once).
+        max_wait_ms: how long a job may wait for company before it is prefilled with the
+            others that came meanwhile. With continuous batching only jobs that come while
+            rows are decoding wait; one that comes to an idle batcher starts at once.
         continuous: join and leave between steps (where the model allows it).
         prefill_group: with continuous batching, how many waiting jobs to prefill together
             while rows are decoding (fewer once the oldest has waited ``max_wait_ms``); None:
