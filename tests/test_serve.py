@@ -436,6 +436,7 @@ def test_waiting_jobs_are_prefilled_in_groups(trained_run, describe_image):
         model.eval(), collator, max_batch_size=5, max_wait_ms=60_000, prefill_group=3
     )
     config = GenerationConfig(max_new_tokens=2)
+    pieces: list[str] = []  # the long row's streamed text
     group: list[Future] = []
     sizes_before_the_third: list[list[int]] = []
 
@@ -447,7 +448,6 @@ def test_waiting_jobs_are_prefilled_in_groups(trained_run, describe_image):
             sizes_before_the_third.append(list(batcher.batch_sizes))
             group.append(batcher.submit(Job(describe_image, config)))
 
-    pieces: list[str] = []
     long_config = GenerationConfig(max_new_tokens=40, do_sample=True, temperature=3.0, seed=1)
     try:
         started = time.monotonic()
