@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import json
 import resource
 import socket
@@ -114,10 +115,16 @@ def measured_round(
     return round_
 
 
+@functools.cache
+def _test_lines(world: Path) -> list[str]:
+    """The world's test records, as JSON lines (read once: every request picks one)."""
+    return (world / "test.jsonl").read_text().splitlines()
+
+
 def load_test_request(world: Path, i: int) -> tuple[dict[str, Path], str]:
     """The ``i``-th request of the load test: the media of the world's ``i``-th test record
     (kind -> path: "image" and/or "audio") and one of ``QUESTIONS``, in turn."""
-    lines = (world / "test.jsonl").read_text().splitlines()
+    lines = _test_lines(world)
     record = json.loads(lines[i % len(lines)])
     media = {p["type"]: world / p["path"] for p in record["messages"][0]["content"] if "path" in p}
     return media, QUESTIONS[i % len(QUESTIONS)]
