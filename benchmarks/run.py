@@ -4,10 +4,10 @@
     .venv/bin/python -m benchmarks.run [--repeats 3] [--threads N] [--compile] [--only a,b]
 
 Sections (``--only`` / ``--skip`` take their names): overhead, generation, feature_cache,
-data, compute, memory, scaling, optim, allocator, audio_frontend, row_groups, sample_cache,
-compile (only with ``--compile``: torch.compile takes minutes to build on 2 cores). Figures
-are ratios measured side by side in this run: medians over repeats after warm-up. See
-benchmarks/README.md for what each one measures.
+data, compute, memory, scaling, optim, allocator, audio_frontend, onednn_linear, row_groups,
+sample_cache, compile (only with ``--compile``: torch.compile takes minutes to build on 2
+cores). Figures are ratios measured side by side in this run: medians over repeats after
+warm-up. See benchmarks/README.md for what each one measures.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from benchmarks import (
     feature_cache,
     generation,
     memory,
+    onednn_linear,
     optimisations,
     overhead,
     row_groups,
@@ -61,6 +62,7 @@ SECTIONS = (
     "optim",
     "allocator",
     "audio_frontend",
+    "onednn_linear",
     "row_groups",
     "sample_cache",
     "compile",
@@ -423,6 +425,24 @@ class Bench:
         diff = result["max_abs_diff"]
         r.add("audio_frontend.max_abs_diff", "  outputs, max abs difference", diff, "{:.2g}",
               "< 1e-4", diff < 1e-4)  # fmt: skip
+
+    # -------------------------------------------------------------------- oneDNN linear
+    def onednn_linear(self) -> None:
+        r = self.report
+        cfg = compose_train(["experiment=demo"], self.out / "work-onednn-linear")
+        processor, model = build_model(cfg, seed=0)
+        result = onednn_linear.measure(model.eval(), processor, self.args.world, self.repeats * 5)
+        r.extra["onednn_linear"] = result
+        for name, label in onednn_linear.FIGURES.items():
+            plain, fast = result[f"{name}_linear_ms"], result[f"{name}_onednn_ms"]
+            large = name in ("prefill_16", "prefill_64")  # the products oneDNN is for
+            target, ok = ("> 1", plain > fast) if large else ("", None)
+            r.add(f"onednn_linear.{name}_ratio", f"{label}: F.linear / oneDNN linears",
+                  plain / fast, "{:.2f}", target, ok,
+                  note=f"{plain:.1f} / {fast:.1f} ms; demo model")  # fmt: skip
+        diff = result["max_logit_diff"]
+        r.add("onednn_linear.max_logit_diff", "  first-token logits, max abs difference", diff,
+              "{:.2g}", "< 1e-4", diff < 1e-4)  # fmt: skip
 
     # -------------------------------------------------------------------- row groups
     def row_groups(self) -> None:

@@ -21,6 +21,7 @@ from benchmarks import (
     feature_cache,
     generation,
     memory,
+    onednn_linear,
     optimisations,
     overhead,
     row_groups,
@@ -275,6 +276,18 @@ def test_audio_frontend_benchmark_times_both_sides_on_equal_outputs():
     for figure in audio_frontend.FIGURES:
         assert result[f"{figure}_transformers_ms"] > 0 and result[f"{figure}_channels_last_ms"] > 0
     assert result["max_abs_diff"] < 1e-4
+
+
+def test_onednn_linear_benchmark_times_both_sides_on_equal_logits(world_dir, tmp_path):
+    processor, model = build_model(
+        compose_train(tiny_train_overrides(world_dir, tmp_path), tmp_path)
+    )
+    result = onednn_linear.measure(model.eval(), processor, world_dir, repeats=1)
+    for figure in onednn_linear.FIGURES:
+        assert result[f"{figure}_linear_ms"] > 0 and result[f"{figure}_onednn_ms"] > 0
+    assert result["max_logit_diff"] < 1e-4
+    assert result["decoder_products_linear_gflops"] > 0
+    assert result["decoder_products_onednn_gflops"] > 0
 
 
 def test_row_groups_benchmark_runs_fewer_positions_for_the_same_losses(world_dir, tmp_path):
