@@ -5,7 +5,8 @@
 Sends streamed image+audio chat requests and prints requests/s, generated tokens/s and time to
 first token at concurrency 1 and 16, then the throughput of dynamic batching over
 one-at-a-time generation at concurrency 16. Each figure is the median of ``--rounds`` rounds
-of ``--requests`` requests; the rounds of the three configurations take turns.
+of ``--requests`` requests, after one unmeasured round of each configuration; the rounds of
+the three configurations take turns.
 
 The load generator shares the server's two cores, so it is kept lean (``--client async``,
 the default): one asyncio loop on aiohttp and a plain parse of the server-sent events, as
@@ -260,8 +261,10 @@ def main() -> None:
         for size in (16, 1)
     }
     try:
-        for size, concurrency in runs.values():  # warm-up
-            load(servers[size][0], requests[:4], concurrency, args.max_tokens)
+        # warm-up: a whole unmeasured round of each configuration (a new product shape builds
+        # its oneDNN kernel on first use: the first round met hundreds of them)
+        for size, concurrency in runs.values():
+            load(servers[size][0], requests, concurrency, args.max_tokens)
         # rounds interleave the configurations, so that a slower spell of the machine hits
         # them alike; each figure is the median round (by requests/s)
         for _ in range(args.rounds):
