@@ -237,7 +237,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="the engine's torch threads")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-wait-ms", type=float, default=20, help="batching.max_wait_ms")
     parser.add_argument("--in-process", action="store_true", help="batching.separate_process=false")
     parser.add_argument("--client", choices=("async", "openai"), default="async")
