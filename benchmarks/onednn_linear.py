@@ -12,13 +12,10 @@ medians over ``--repeats`` rounds of
 - ``prefill_<n>``: a prefill of ``n`` prompts (``RunningBatch.join``: encoders, fusion,
   decoder over the prompts), as ``mmfuse-serve`` runs them; 64 is an evaluation batch;
 - ``step_8``: one decoding step of 8 rows (small products: both sides run ``F.linear``);
-- ``train``: forward and backward over ``--train-batches`` real training batches of the
-  demo model built from its config (``experiment=demo``, seed 0, no dropout, so both sides
-  compute the same losses), per batch;
 
 and the GFLOP/s of each side on the products of a prefill of 8 prompts (the decoder's).
-Prints each time, the ratio ``F.linear`` / oneDNN and the largest differences between the two
-sides' first-token logits and training losses.
+Prints each time, the ratio ``F.linear`` / oneDNN and the largest difference between the two
+sides' first-token logits.
 """
 
 from __future__ import annotations
@@ -31,17 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.batcher_load import prompts
-from benchmarks.common import (
-    BENCH_DIR,
-    alternate,
-    build_model,
-    compose_train,
-    median,
-    train_batches,
-)
+from benchmarks.common import alternate, median
 from mmfuse.allocator import keep_freed_memory
 from mmfuse.generation import GenerationConfig
-from mmfuse.loss import next_token_loss
 from mmfuse.model import MMFuseModel
 from mmfuse.model_dir import load_model_dir
 from mmfuse.modules.onednn_linear import OneDNNLinear, use_onednn_linears
@@ -139,45 +128,17 @@ def measure(
     return result
 
 
-def measure_training(
-    batches: int, repeats: int, overrides=("experiment=demo",)
-) -> dict[str, float]:
-    """Forward + backward time per batch (ms) of each side and the largest loss difference."""
-    cfg = compose_train(list(overrides), BENCH_DIR / "work-onednn-linear")
-    processor, model = build_model(cfg, seed=0)
-    model.eval()  # no dropout: both sides compute the same losses
-    data = train_batches(cfg, processor, batches)
-
-    def steps() -> list[float]:
-        losses = []
-        for batch in data:
-            model.zero_grad(set_to_none=True)
-            loss, _ = next_token_loss(*model(batch))
-            loss.backward()
-            losses.append(float(loss.detach()))
-        return losses
-
-    fns = {side: switched(model, side, steps) for side in SIDES}
-    diff = max(abs(a - b) for a, b in zip(*(fn() for fn in fns.values()), strict=True))
-    times = alternate(fns, 1, repeats)
-    result = {f"train_{side}_ms": median(times[side]) * 1000 / len(data) for side in SIDES}
-    result["max_loss_diff"] = diff
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", default="runs/demo/model")
     parser.add_argument("--world", default="data/world")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--train-batches", type=int, default=4)
     args = parser.parse_args()
     keep_freed_memory()
     torch.set_num_threads(args.threads)
     model, processor = load_model_dir(args.ckpt)
     result = measure(model, processor, args.world, args.repeats)
-    result.update(measure_training(args.train_batches, max(3, args.repeats // 4)))
     print(f"{args.ckpt}, {args.threads} thread(s), median of {args.repeats} rounds")
     for figure in FIGURES:
         plain, fast = result[f"{figure}_linear_ms"], result[f"{figure}_onednn_ms"]
@@ -187,13 +148,7 @@ def main() -> None:
         f"decoder products of a prefill of 8 ({result['decoder_product_rows']} rows): "
         f"F.linear {plain:.0f} GFLOP/s, oneDNN {fast:.0f} GFLOP/s, x{fast / plain:.2f}"
     )
-    plain, fast = result["train_linear_ms"], result["train_onednn_ms"]
-    print(
-        f"training, forward + backward a batch (demo config, {args.train_batches} batches): "
-        f"F.linear {plain:.1f} ms  oneDNN {fast:.1f} ms  x{plain / fast:.2f}"
-    )
     print(f"first-token logits, max abs difference: {result['max_logit_diff']:.2g}")
-    print(f"training losses, max abs difference: {result['max_loss_diff']:.2g}")
 
 
 if __name__ == "__main__":

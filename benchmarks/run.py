@@ -443,15 +443,6 @@ class Bench:
         diff = result["max_logit_diff"]
         r.add("onednn_linear.max_logit_diff", "  first-token logits, max abs difference", diff,
               "{:.2g}", "< 1e-4", diff < 1e-4)  # fmt: skip
-        train = onednn_linear.measure_training(batches=4, repeats=self.repeats)
-        r.extra["onednn_linear"].update(train)
-        plain, fast = train["train_linear_ms"], train["train_onednn_ms"]
-        r.add("onednn_linear.train_ratio", "training, forward + backward: F.linear / oneDNN",
-              plain / fast, "{:.2f}", "> 1", plain > fast,
-              note=f"{plain:.1f} / {fast:.1f} ms a batch; demo config, 4 batches")  # fmt: skip
-        diff = train["max_loss_diff"]
-        r.add("onednn_linear.max_loss_diff", "  training losses, max abs difference", diff,
-              "{:.2g}", "< 1e-5", diff < 1e-5)  # fmt: skip
 
     # -------------------------------------------------------------------- row groups
     def row_groups(self) -> None:

@@ -49,9 +49,9 @@ class MMFuseModel(nn.Module):
             of similar length, each trimmed to its longest row (``mmfuse.row_groups``):
             the same logits with fewer padded positions. 1 (the default) runs the padded
             batch at once and reads nothing back from the device.
-        onednn_linear: compute the large fp32 products of the linear layers (and their
-            gradients) on oneDNN (``mmfuse.modules.onednn_linear``): on CPUs where MKL does
-            not use AVX-512 (AMD) they run about twice as fast.
+        onednn_linear: compute the large products of calls without autograd (inference,
+            validation, frozen encoders) on oneDNN (``mmfuse.modules.onednn_linear``): on
+            CPUs where MKL does not use AVX-512 (AMD) they run about twice as fast.
     """
 
     def __init__(

@@ -288,9 +288,6 @@ def test_onednn_linear_benchmark_times_both_sides_on_equal_logits(world_dir, tmp
     assert result["max_logit_diff"] < 1e-4
     assert result["decoder_products_linear_gflops"] > 0
     assert result["decoder_products_onednn_gflops"] > 0
-    train = onednn_linear.measure_training(1, 1, tiny_train_overrides(world_dir, tmp_path))
-    assert train["train_linear_ms"] > 0 and train["train_onednn_ms"] > 0
-    assert train["max_loss_diff"] < 1e-5
 
 
 def test_row_groups_benchmark_runs_fewer_positions_for_the_same_losses(world_dir, tmp_path):

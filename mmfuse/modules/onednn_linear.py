@@ -1,4 +1,4 @@
-"""``nn.Linear`` whose large fp32 products run on oneDNN.
+"""``nn.Linear`` whose large products run on oneDNN when no gradient is needed.
 
 PyTorch computes an fp32 ``nn.Linear`` on the CPU with MKL's sgemm. On AMD CPUs MKL takes
 a generic AVX2 path even where the CPU has AVX-512, while oneDNN (shipped in the same
@@ -8,12 +8,10 @@ products of a prefill of 8 prompts and oneDNN 190-250 (``benchmarks/onednn_linea
 
 oneDNN's fixed cost per call is higher, so small products (a decoding step's few rows, most
 of one short prompt's) stay on ``F.linear``: oneDNN wins from about 2^20 multiply-adds per
-thread on these shapes, and from 2^21 a prefill of one prompt is never slower. Under
-autograd the large products go through :class:`OneDNNLinearFunction`, whose backward computes
-the input's and the weight's gradients on oneDNN too (the three products of a training
-step's layer have the same size). Results differ from MKL's by float rounding only (another
-summation order). Under ``torch.compile`` the layers are plain ``F.linear`` calls: inductor
-lowers the oneDNN op only for frozen, prepacked weights, and does its own CPU fusions.
+thread on these shapes, and from 2^21 a prefill of one prompt is never slower.
+The oneDNN op has no backward, so only calls without autograd take it (inference, the
+validation loop, frozen encoders): a training step computes exactly what ``nn.Linear``
+computes. Results differ from MKL's by float rounding only (another summation order).
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 MIN_MACS_PER_THREAD = 2 << 20  # multiply-adds; below, F.linear (measured with 1 and 2 threads)
 
@@ -40,50 +37,22 @@ def _onednn_linear_op():
 _LINEAR_POINTWISE = _onednn_linear_op()
 
 
-class OneDNNLinearFunction(torch.autograd.Function):
-    """x (N, in) @ weight.T (in, out) + bias -> (N, out) on oneDNN, and its backward:
-    grad_x = grad @ weight, grad_weight = grad.T @ x, grad_bias = grad summed over rows."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _LINEAR_POINTWISE(x, weight, bias, "none", [], "")
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _LINEAR_POINTWISE(grad, weight.t(), None, "none", [], "")  # (N, in)
-        if ctx.needs_input_grad[1]:
-            grad_weight = _LINEAR_POINTWISE(grad.t(), x.t(), None, "none", [], "")  # (out, in)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum(0)
-        return grad_x, grad_weight, grad_bias
-
-
 class OneDNNLinear(nn.Linear):
-    """``nn.Linear`` (same parameters and state dict) that sends large fp32 CPU products to
-    oneDNN. Models get it through :func:`use_onednn_linears`."""
+    """``nn.Linear`` (same parameters and state dict) that sends large fp32 CPU products
+    computed without autograd to oneDNN. Models get it through :func:`use_onednn_linears`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        if not (
+        if (
             _LINEAR_POINTWISE is not None
-            and not torch.compiler.is_compiling()  # inductor lowers the op for frozen weights only
+            and not torch.is_grad_enabled()
             and x.is_cpu
             and x.dtype == torch.float32
             and weight.dtype == torch.float32
             and x.numel() * self.out_features >= MIN_MACS_PER_THREAD * torch.get_num_threads()
         ):
-            return F.linear(x, weight, self.bias)
-        if not torch.is_grad_enabled():
             return _LINEAR_POINTWISE(x, weight, self.bias, "none", [], "")
-        rows = x.reshape(-1, x.shape[-1])  # (N, in): the Function's output is not a view
-        out = OneDNNLinearFunction.apply(rows, weight, self.bias)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, weight, self.bias)
 
 
 def use_onednn_linears(module: nn.Module, enabled: bool = True) -> int:
