@@ -129,3 +129,20 @@ def test_the_model_uses_onednn_linears_unless_told_not_to(tmp_path):
     assert not any(isinstance(m, OneDNNLinear) for m in plain.modules())
     # the same weights under both: OneDNNLinear changes no parameter name
     assert model.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_compiled_layers_are_plain_linears_for_inductor(spy, monkeypatch):
+    """Inductor lowers the oneDNN op only for frozen, prepacked weights: under
+    torch.compile the layer must trace as F.linear (a validation loop of a compiled model)."""
+    linear, x = layer(128, 128), big_input()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch_threads(1), torch.inference_mode():
+        assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
+    assert spy.calls == 0
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 128))
+    use_onednn_linears(net)
+    compiled = torch.compile(net)
+    with torch_threads(1), torch.no_grad():
+        torch.testing.assert_close(compiled(x), net(x), rtol=1e-5, atol=1e-5)
