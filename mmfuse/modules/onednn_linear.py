@@ -10,8 +10,8 @@ oneDNN's fixed cost per call is higher, so small products (a decoding step's few
 of one short prompt's) stay on ``F.linear``: oneDNN wins from about 2^20 multiply-adds per
 thread on these shapes, and from 2^21 a prefill of one prompt is never slower.
 The oneDNN op has no backward, so only calls without autograd take it (inference, the
-validation loop, frozen encoders): a training step computes exactly what ``nn.Linear``
-computes. (A backward on oneDNN made a training step's products 1.16 times faster on
+validation loop, frozen encoders); a call under autograd computes exactly what
+``nn.Linear`` computes. (A backward on oneDNN made a training step's products 1.16 times faster on
 repeated batches but training 10-20% slower: every new batch shape builds oneDNN kernels, 1-3
 ms each, and training shapes rarely repeat.) Under ``torch.compile`` the layers are plain
 ``F.linear`` calls: inductor lowers the oneDNN op only for frozen, prepacked weights, and
