@@ -8,15 +8,14 @@ products of a prefill of 8 prompts and oneDNN 190-250 (``benchmarks/onednn_linea
 
 oneDNN's fixed cost per call is higher, so small products (a decoding step's few rows, most
 of one short prompt's) stay on ``F.linear``: oneDNN wins from about 2^20 multiply-adds per
-thread on these shapes, and from 2^21 a prefill of one prompt is never slower.
-The oneDNN op has no backward, so only calls without autograd take it (inference, the
-validation loop, frozen encoders); a call under autograd computes exactly what
-``nn.Linear`` computes. (A backward on oneDNN made a training step's products 1.16 times faster on
-repeated batches but training 10-20% slower: every new batch shape builds oneDNN kernels, 1-3
-ms each, and training shapes rarely repeat.) Under ``torch.compile`` the layers are plain
-``F.linear`` calls: inductor lowers the oneDNN op only for frozen, prepacked weights, and
-does its own CPU fusions. Results differ from MKL's by float rounding only (another
-summation order).
+thread on these shapes, and from 2^21 a prefill of one prompt is never slower. The oneDNN op
+has no backward, so only calls without autograd take it (inference, the validation loop,
+frozen encoders); a call under autograd computes exactly what ``nn.Linear`` computes. (A
+backward on oneDNN made a training step's products 1.16 times faster on repeated batches but
+training 10-20% slower: every new batch shape builds oneDNN kernels, 1-3 ms each, and
+training shapes rarely repeat.) Under ``torch.compile`` the layers are plain ``F.linear``
+calls: inductor lowers the oneDNN op only for frozen, prepacked weights, and does its own
+CPU fusions. Results differ from MKL's by float rounding only (another summation order).
 """
 
 from __future__ import annotations
