@@ -8,6 +8,14 @@ one-at-a-time generation at concurrency 16. Each figure is the median of ``--rou
 of ``--requests`` requests, after one unmeasured round of each configuration; the rounds of
 the three configurations take turns.
 
+A round's requests/s counts its whole length: its start, when the clients' first requests
+come in one burst, and its drain, when clients that have nothing left to send fall idle one
+by one, as well as the time between. A round of 64 requests from 16 clients is mostly start
+and drain, and fewer requests in flight leave batching less to batch (one-at-a-time serving
+loses nothing there), so each configuration also gets a requests/s at full concurrency
+(``full_concurrency_rate``: only while every client has a request in flight), and the ratio
+is printed both ways.
+
 The load generator shares the server's two cores, so it is kept lean (``--client async``,
 the default): one asyncio loop on aiohttp and a plain parse of the server-sent events, as
 vLLM's serving benchmark does. It costs about 0.7 ms of CPU a request (httpx: 2.2 ms).
@@ -34,6 +42,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -144,14 +153,37 @@ def messages(world: Path, i: int) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def summary(results: list[tuple[float, int]], elapsed: float) -> dict:
-    """requests/s, tokens/s and median time to first token of (ttft, tokens) per request."""
+def summary(
+    results: list[tuple[float, int]],
+    elapsed: float,
+    finished: list[float],
+    emptied: float,
+    concurrency: int,
+) -> dict:
+    """requests/s, tokens/s and median time to first token of (ttft, tokens) per request over
+    the whole round, and requests/s at full concurrency (``full_concurrency_rate``)."""
     return {
         "requests_per_s": len(results) / elapsed,
+        "full_concurrency_requests_per_s": full_concurrency_rate(finished, emptied, concurrency),
         "tokens_per_s": sum(t for _, t in results) / elapsed,
         "ttft_median_s": statistics.median(f for f, _ in results),
         "errors": 0,
     }
+
+
+def full_concurrency_rate(finished: list[float], emptied: float, concurrency: int) -> float | None:
+    """Requests/s while every client had a request in flight: the answers that came between
+    the ``concurrency``-th answer (the opening burst is through) and the moment the last
+    request was sent (``emptied``; from then on clients fall idle one by one), over that time.
+    A round's whole-round rate also counts its start and its drain, when fewer requests are
+    in flight: batching has less to batch there, one-at-a-time serving loses nothing. None
+    when the round is too short to have such a window (no answer in it)."""
+    finished = sorted(finished)
+    if len(finished) <= concurrency:
+        return None
+    start = finished[concurrency - 1]
+    count = sum(start < t <= emptied for t in finished)
+    return count / (emptied - start) if count and emptied > start else None
 
 
 def request_body(msgs: list[dict], max_tokens: int) -> dict:
@@ -190,7 +222,11 @@ def load_async(url: str, requests: list, concurrency: int, max_tokens: int) -> d
                     tokens = chunk["usage"]["completion_tokens"]
         return (first if first is not None else time.perf_counter() - start), tokens
 
+    finished: list[float] = []  # when each answer ended (perf_counter)
+    emptied = 0.0  # when the last request was taken
+
     async def run() -> list[tuple[float, int]]:
+        nonlocal emptied
         queue = list(enumerate(requests))
         results: list = [None] * len(requests)
         connector = aiohttp.TCPConnector(limit=concurrency)
@@ -198,16 +234,20 @@ def load_async(url: str, requests: list, concurrency: int, max_tokens: int) -> d
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
             async def worker() -> None:
+                nonlocal emptied
                 while queue:
                     i, msgs = queue.pop(0)
+                    if not queue:
+                        emptied = time.perf_counter()
                     results[i] = await one(session, msgs)
+                    finished.append(time.perf_counter())
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
         return results
 
     start = time.perf_counter()
     results = asyncio.run(run())
-    return summary(results, time.perf_counter() - start)
+    return summary(results, time.perf_counter() - start, finished, emptied, concurrency)
 
 
 def load_openai(url: str, requests: list, concurrency: int, max_tokens: int) -> dict:
@@ -224,13 +264,33 @@ def load_openai(url: str, requests: list, concurrency: int, max_tokens: int) -> 
                 tokens = chunk.usage.completion_tokens
         return (first if first is not None else time.perf_counter() - start), tokens
 
+    queue = list(enumerate(requests))
+    results: list = [None] * len(requests)
+    finished: list[float] = []
+    emptied = 0.0
+    lock = threading.Lock()
+
+    def worker() -> None:
+        nonlocal emptied
+        while True:
+            with lock:
+                if not queue:
+                    return
+                i, msgs = queue.pop(0)
+                if not queue:
+                    emptied = time.perf_counter()
+            results[i] = one(msgs)
+            with lock:
+                finished.append(time.perf_counter())
+
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(one, requests))
-    return summary(results, time.perf_counter() - start)
+        for future in [pool.submit(worker) for _ in range(concurrency)]:
+            future.result()
+    return summary(results, time.perf_counter() - start, finished, emptied, concurrency)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", default="runs/demo/model")
     parser.add_argument("--world", default="data/world")
@@ -242,7 +302,7 @@ def main() -> None:
     parser.add_argument("--in-process", action="store_true", help="batching.separate_process=false")
     parser.add_argument("--client", choices=("async", "openai"), default="async")
     parser.add_argument("--out", default="runs/bench/serve_load.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     requests = [messages(Path(args.world), i) for i in range(args.requests)]
     load = load_async if args.client == "async" else load_openai
     results: dict = {
@@ -279,21 +339,36 @@ def main() -> None:
         rounds = sorted(results["rounds"][name], key=lambda r: r["requests_per_s"])
         results[name] = r = rounds[len(rounds) // 2]
         each = ", ".join(f"{x['requests_per_s']:.0f}" for x in results["rounds"][name])
+        full = [x["full_concurrency_requests_per_s"] for x in results["rounds"][name]]
+        full = [x for x in full if x is not None]
+        r["full_concurrency_median"] = statistics.median(full) if full else None
         print(
             f"{name:15s} max_batch={size:2d} concurrency={concurrency:2d}: "
             f"{r['requests_per_s']:6.2f} req/s  {r['tokens_per_s']:7.1f} tok/s  "
             f"TTFT median {r['ttft_median_s'] * 1000:6.0f} ms   (rounds: {each} req/s)"
         )
+        if full:
+            each = ", ".join(f"{x:.0f}" for x in full)
+            print(
+                f"{'':15s} at full concurrency ({concurrency} in flight): "
+                f"{r['full_concurrency_median']:6.2f} req/s   (rounds: {each} req/s)"
+            )
         cpu = ", ".join(
             f"{k.replace('_', ' ')} {r['cpu_ms_per_request'][k]:.2f} ms ({r['cores_busy'][k]:.2f})"
             for k in r["cores_busy"]
         )
         print(f"{'':15s} CPU per request (share of a core busy): {cpu}")
-    ratio = results["batched_c16"]["requests_per_s"] / results["sequential_c16"]["requests_per_s"]
+    batched, sequential = results["batched_c16"], results["sequential_c16"]
+    ratio = batched["requests_per_s"] / sequential["requests_per_s"]
     results["batched_over_sequential"] = ratio
     print(f"dynamic batching over one-at-a-time at concurrency 16 (medians): {ratio:.2f}x")
+    if batched["full_concurrency_median"] and sequential["full_concurrency_median"]:
+        full_ratio = batched["full_concurrency_median"] / sequential["full_concurrency_median"]
+        results["batched_over_sequential_full_concurrency"] = full_ratio
+        print(f"  at full concurrency (16 in flight; start and drain left out): {full_ratio:.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return results
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from benchmarks import (
     overhead,
     row_groups,
     sample_cache,
+    serve_load,
 )
 from benchmarks.common import Report, build_model, compose_train, train_batches
 from benchmarks.run import add_feature_cache
@@ -318,3 +319,37 @@ def test_batcher_load_counts_prefills_per_group(trained_run, world_dir):
     assert 2 <= results["prefill_group=4"]["prefills_per_round"] < 8
     assert 2 <= results["prefill_group=1"]["prefills_per_round"] <= 8
     assert all(r["answers_differing"] == 0 for r in results.values())
+
+
+def test_full_concurrency_rate_counts_answers_while_every_client_waits():
+    # 2 clients: the opening burst is through at the 2nd answer (t=2); the last request left
+    # the queue at t=6, so the answers at 3, 5 and 6 count, over 4 s; those at 8 and 9 (the
+    # drain) do not
+    finished = [9.0, 1.0, 2.0, 3.0, 5.0, 6.0, 8.0]
+    assert serve_load.full_concurrency_rate(finished, emptied=6.0, concurrency=2) == 3 / 4
+    # one client: every answer after the first, up to the last request
+    assert serve_load.full_concurrency_rate([1.0, 2.0, 3.0], emptied=2.5, concurrency=1) == 1 / 1.5
+    # no answer between the burst and the last request: no window
+    assert serve_load.full_concurrency_rate([1.0, 2.0, 3.0], emptied=2.0, concurrency=2) is None
+    assert serve_load.full_concurrency_rate([1.0, 2.0], emptied=1.0, concurrency=2) is None
+
+
+def test_serve_load_runs_every_configuration_against_real_servers(trained_run, world_dir, tmp_path):
+    out = tmp_path / "serve_load.json"
+    args = ["--ckpt", str(trained_run / "model"), "--world", str(world_dir), "--requests", "6"]
+    results = serve_load.main([*args, "--rounds", "1", "--max-tokens", "2", "--out", str(out)])
+    assert (
+        json.loads(out.read_text())["batched_over_sequential"] == results["batched_over_sequential"]
+    )
+    for name in ("batched_c1", "batched_c16", "sequential_c16"):
+        run = results[name]
+        assert run["errors"] == 0 and run["requests_per_s"] > 0
+        assert 0 < run["tokens_per_s"] <= 2 * run["requests_per_s"]  # at most 2 tokens each
+        assert run["cpu_ms_per_request"]["engine"] > 0  # the model ran in the child process
+    # 6 requests from 16 clients: all in the opening burst, no full-concurrency window
+    assert results["batched_c16"]["full_concurrency_median"] is None
+    assert results["batched_c1"]["full_concurrency_median"] > 0  # 1 client: answers 2 to 5
+    expected = (
+        results["batched_c16"]["requests_per_s"] / results["sequential_c16"]["requests_per_s"]
+    )
+    assert results["batched_over_sequential"] == pytest.approx(expected)
