@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import functools
 import json
 import resource
@@ -153,18 +154,42 @@ def messages(world: Path, i: int) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
+class RoundQueue:
+    """A round's requests, handed out in order to the clients that ask, with the times
+    ``full_concurrency_rate`` needs: when each answer ended and when the last request was
+    taken. Safe from client threads as from one event loop's tasks."""
+
+    def __init__(self, requests: list) -> None:
+        self.size = len(requests)
+        self._left = collections.deque(enumerate(requests))
+        self._lock = threading.Lock()
+        self.finished: list[float] = []  # perf_counter
+        self.emptied = 0.0
+
+    def take(self) -> tuple[int, list[dict]] | None:
+        """The next (index, messages), or None when none is left."""
+        with self._lock:
+            if not self._left:
+                return None
+            item = self._left.popleft()
+            if not self._left:
+                self.emptied = time.perf_counter()
+            return item
+
+    def answered(self) -> None:
+        with self._lock:
+            self.finished.append(time.perf_counter())
+
+
 def summary(
-    results: list[tuple[float, int]],
-    elapsed: float,
-    finished: list[float],
-    emptied: float,
-    concurrency: int,
+    results: list[tuple[float, int]], elapsed: float, round_: RoundQueue, concurrency: int
 ) -> dict:
     """requests/s, tokens/s and median time to first token of (ttft, tokens) per request over
     the whole round, and requests/s at full concurrency (``full_concurrency_rate``)."""
+    full = full_concurrency_rate(round_.finished, round_.emptied, concurrency)
     return {
         "requests_per_s": len(results) / elapsed,
-        "full_concurrency_requests_per_s": full_concurrency_rate(finished, emptied, concurrency),
+        "full_concurrency_requests_per_s": full,
         "tokens_per_s": sum(t for _, t in results) / elapsed,
         "ttft_median_s": statistics.median(f for f, _ in results),
         "errors": 0,
@@ -222,32 +247,25 @@ def load_async(url: str, requests: list, concurrency: int, max_tokens: int) -> d
                     tokens = chunk["usage"]["completion_tokens"]
         return (first if first is not None else time.perf_counter() - start), tokens
 
-    finished: list[float] = []  # when each answer ended (perf_counter)
-    emptied = 0.0  # when the last request was taken
+    round_ = RoundQueue(requests)
 
     async def run() -> list[tuple[float, int]]:
-        nonlocal emptied
-        queue = list(enumerate(requests))
-        results: list = [None] * len(requests)
+        results: list = [None] * round_.size
         connector = aiohttp.TCPConnector(limit=concurrency)
         timeout = aiohttp.ClientTimeout(total=120)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
             async def worker() -> None:
-                nonlocal emptied
-                while queue:
-                    i, msgs = queue.pop(0)
-                    if not queue:
-                        emptied = time.perf_counter()
-                    results[i] = await one(session, msgs)
-                    finished.append(time.perf_counter())
+                while (item := round_.take()) is not None:
+                    results[item[0]] = await one(session, item[1])
+                    round_.answered()
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
         return results
 
     start = time.perf_counter()
     results = asyncio.run(run())
-    return summary(results, time.perf_counter() - start, finished, emptied, concurrency)
+    return summary(results, time.perf_counter() - start, round_, concurrency)
 
 
 def load_openai(url: str, requests: list, concurrency: int, max_tokens: int) -> dict:
@@ -264,30 +282,19 @@ def load_openai(url: str, requests: list, concurrency: int, max_tokens: int) -> 
                 tokens = chunk.usage.completion_tokens
         return (first if first is not None else time.perf_counter() - start), tokens
 
-    queue = list(enumerate(requests))
-    results: list = [None] * len(requests)
-    finished: list[float] = []
-    emptied = 0.0
-    lock = threading.Lock()
+    round_ = RoundQueue(requests)
+    results: list = [None] * round_.size
 
     def worker() -> None:
-        nonlocal emptied
-        while True:
-            with lock:
-                if not queue:
-                    return
-                i, msgs = queue.pop(0)
-                if not queue:
-                    emptied = time.perf_counter()
-            results[i] = one(msgs)
-            with lock:
-                finished.append(time.perf_counter())
+        while (item := round_.take()) is not None:
+            results[item[0]] = one(item[1])
+            round_.answered()
 
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         for future in [pool.submit(worker) for _ in range(concurrency)]:
             future.result()
-    return summary(results, time.perf_counter() - start, finished, emptied, concurrency)
+    return summary(results, time.perf_counter() - start, round_, concurrency)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -353,3 +353,12 @@ def test_serve_load_runs_every_configuration_against_real_servers(trained_run, w
         results["batched_c16"]["requests_per_s"] / results["sequential_c16"]["requests_per_s"]
     )
     assert results["batched_over_sequential"] == pytest.approx(expected)
+
+
+def test_round_queue_hands_out_requests_in_order_and_marks_the_last_taken():
+    round_ = serve_load.RoundQueue(["a", "b"])
+    assert round_.take() == (0, "a") and round_.emptied == 0.0
+    assert round_.take() == (1, "b") and round_.emptied > 0.0  # the last one left
+    assert round_.take() is None
+    round_.answered()
+    assert len(round_.finished) == 1 and round_.finished[0] >= round_.emptied
