@@ -28,6 +28,8 @@ prefilled with it (the encoders cost far less per request in a batch); the time 
 token at concurrency 1 shows what that costs. Its model runs with ``--threads`` torch threads
 (1: the other core serves HTTP and the load generator), in a child process (the default,
 ``batching.separate_process``) or on a thread of the server's process with ``--in-process``.
+``--set KEY=VALUE`` passes further overrides to both servers, to compare settings side by
+side (``--set batching.continuous=false``).
 """
 
 from __future__ import annotations
@@ -62,9 +64,12 @@ def start(
     threads: int,
     separate_process: bool = True,
     max_wait_ms: float = 20,
+    extra: tuple[str, ...] = (),
 ):
-    """Runs ``mmfuse-serve`` in its own process (the load generator must not share its GIL);
-    returns its base URL, its pid and a function that stops it."""
+    """Runs ``mmfuse-serve`` in its own process (the load generator must not share its GIL),
+    with the further overrides ``extra``; returns its base URL, its pid and a function that
+    stops it. A server that does not answer ``/health`` within two minutes is stopped, and
+    the error names its command (its own message is on stderr)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -78,6 +83,7 @@ def start(
         f"batching.max_wait_ms={max_wait_ms}",
         f"batching.separate_process={str(separate_process).lower()}",
         "log_level=warning",
+        *extra,
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -89,6 +95,8 @@ def start(
         except httpx.HTTPError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            process.wait(timeout=30)
             raise RuntimeError(f"mmfuse-serve did not start: {' '.join(command)}")
         time.sleep(0.2)
 
@@ -308,6 +316,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-wait-ms", type=float, default=20, help="batching.max_wait_ms")
     parser.add_argument("--in-process", action="store_true", help="batching.separate_process=false")
     parser.add_argument("--client", choices=("async", "openai"), default="async")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a further mmfuse-serve override for both servers (repeatable), e.g. "
+        "batching.continuous=false",
+    )
     parser.add_argument("--out", default="runs/bench/serve_load.json")
     args = parser.parse_args(argv)
     requests = [messages(Path(args.world), i) for i in range(args.requests)]
@@ -316,6 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
         "client": args.client,
         "threads": args.threads,
         "separate_process": not args.in_process,
+        "overrides": args.set,
         "rounds": {},
     }
     runs = {  # name: (max batch size, concurrency)
@@ -323,11 +340,13 @@ def main(argv: list[str] | None = None) -> dict:
         "batched_c16": (16, 16),
         "sequential_c16": (1, 16),
     }
-    servers = {
-        size: start(args.ckpt, size, args.threads, not args.in_process, args.max_wait_ms)
-        for size in (16, 1)
-    }
+    servers = {}  # max batch size: (url, pid, stop)
+    separate, overrides = not args.in_process, tuple(args.set)
     try:
+        for size in (16, 1):
+            servers[size] = start(
+                args.ckpt, size, args.threads, separate, args.max_wait_ms, overrides
+            )
         # warm-up: a whole unmeasured round of each configuration (a new product shape builds
         # its oneDNN kernel on first use: the first round met hundreds of them)
         for size, concurrency in runs.values():

@@ -8,6 +8,7 @@ import json
 import math
 import os
 
+import psutil
 import pytest
 import torch
 from conftest import tiny_train_overrides
@@ -362,3 +363,26 @@ def test_round_queue_hands_out_requests_in_order_and_marks_the_last_taken():
     assert round_.take() is None
     round_.answered()
     assert len(round_.finished) == 1 and round_.finished[0] >= round_.emptied
+
+
+def test_serve_load_passes_overrides_and_stops_a_server_that_started_when_the_next_fails(
+    trained_run, world_dir, tmp_path
+):
+    """``--set`` reaches both servers: ``batching.prefill_group=2`` suits the batched one (16
+    rows) and not the one-at-a-time one (1 row), which refuses to start. The batched server
+    that did start is stopped, not left behind."""
+    before = {p.pid for p in psutil.process_iter() if "mmfuse-serve" in " ".join(_cmdline(p))}
+    args = ["--ckpt", str(trained_run / "model"), "--world", str(world_dir), "--requests", "2"]
+    args += ["--set", "batching.prefill_group=2", "--out", str(tmp_path / "out.json")]
+    with pytest.raises(RuntimeError, match=r"did not start: .*batching\.max_batch_size=1 .*"):
+        serve_load.main(args)
+    left = {p.pid for p in psutil.process_iter() if "mmfuse-serve" in " ".join(_cmdline(p))}
+    assert left <= before
+    assert not (tmp_path / "out.json").exists()
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
