@@ -6,7 +6,7 @@ faster than one core however many it has. ``EngineProcess`` runs the ``DynamicBa
 a child process instead (``batching.separate_process``; as vLLM runs its engine core apart
 from its API server): the parent processes requests and streams answers, the child only
 generates. It is the default: on 2 CPU cores the load test serves 189 requests/s this way,
-115 with the model on a thread (README, "Serving"). It has the batcher's interface
+115 with the model on a thread (docs/serving_performance.md). It has the batcher's interface
 (``submit``, ``submit_all``, ``close``), so the app cannot tell them apart.
 
 Jobs go to the child and events come back over one pipe, as pickles (``send_bytes``: no
