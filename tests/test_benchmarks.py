@@ -371,18 +371,22 @@ def test_serve_load_passes_overrides_and_stops_a_server_that_started_when_the_ne
     """``--set`` reaches both servers: ``batching.prefill_group=2`` suits the batched one (16
     rows) and not the one-at-a-time one (1 row), which refuses to start. The batched server
     that did start is stopped, not left behind."""
-    before = {p.pid for p in psutil.process_iter() if "mmfuse-serve" in " ".join(_cmdline(p))}
+    before = _serve_pids()
     args = ["--ckpt", str(trained_run / "model"), "--world", str(world_dir), "--requests", "2"]
     args += ["--set", "batching.prefill_group=2", "--out", str(tmp_path / "out.json")]
     with pytest.raises(RuntimeError, match=r"did not start: .*batching\.max_batch_size=1 .*"):
         serve_load.main(args)
-    left = {p.pid for p in psutil.process_iter() if "mmfuse-serve" in " ".join(_cmdline(p))}
-    assert left <= before
+    assert _serve_pids() <= before
     assert not (tmp_path / "out.json").exists()
 
 
-def _cmdline(process: psutil.Process) -> list[str]:
-    try:
-        return process.cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return []
+def _serve_pids() -> set[int]:
+    """The pids of the running ``mmfuse-serve`` processes."""
+    pids = set()
+    for process in psutil.process_iter():
+        try:
+            if "mmfuse-serve" in " ".join(process.cmdline()):
+                pids.add(process.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass  # gone, or not ours to read
+    return pids
