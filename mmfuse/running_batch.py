@@ -97,7 +97,8 @@ class RunningBatch:
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, index)
             layer.values = layer.values.index_select(0, index)
-        self.mask, self.pending = self.mask.index_select(0, index), self.pending[index]
+        self.mask = self.mask.index_select(0, index)
+        self.pending = self.pending.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
         self._trim()
 
