@@ -163,14 +163,15 @@ def messages(world: Path, i: int) -> list[dict]:
 
 
 class RoundQueue:
-    """A round's requests, handed out in order to the clients that ask, with the times
-    ``full_concurrency_rate`` needs: when each answer ended and when the last request was
-    taken. Safe from client threads as from one event loop's tasks."""
+    """A round's requests, handed out in order to the clients that ask, and their results
+    (in request order), with the times ``full_concurrency_rate`` needs: when each answer
+    ended and when the last request was taken. Safe from client threads as from one event
+    loop's tasks."""
 
     def __init__(self, requests: list) -> None:
-        self.size = len(requests)
         self._left = collections.deque(enumerate(requests))
         self._lock = threading.Lock()
+        self.results: list = [None] * len(requests)
         self.finished: list[float] = []  # perf_counter
         self.emptied = 0.0
 
@@ -184,16 +185,18 @@ class RoundQueue:
                 self.emptied = time.perf_counter()
             return item
 
-    def answered(self) -> None:
+    def answered(self, index: int, result) -> None:
+        """Stores the result of request ``index`` and when it ended."""
         with self._lock:
+            self.results[index] = result
             self.finished.append(time.perf_counter())
 
 
-def summary(
-    results: list[tuple[float, int]], elapsed: float, round_: RoundQueue, concurrency: int
-) -> dict:
-    """requests/s, tokens/s and median time to first token of (ttft, tokens) per request over
-    the whole round, and requests/s at full concurrency (``full_concurrency_rate``)."""
+def summary(round_: RoundQueue, elapsed: float, concurrency: int) -> dict:
+    """requests/s, tokens/s and median time to first token of the round's (ttft, tokens)
+    results over the whole round, and requests/s at full concurrency
+    (``full_concurrency_rate``)."""
+    results = round_.results
     full = full_concurrency_rate(round_.finished, round_.emptied, concurrency)
     return {
         "requests_per_s": len(results) / elapsed,
@@ -257,23 +260,20 @@ def load_async(url: str, requests: list, concurrency: int, max_tokens: int) -> d
 
     round_ = RoundQueue(requests)
 
-    async def run() -> list[tuple[float, int]]:
-        results: list = [None] * round_.size
+    async def run() -> None:
         connector = aiohttp.TCPConnector(limit=concurrency)
         timeout = aiohttp.ClientTimeout(total=120)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
             async def worker() -> None:
                 while (item := round_.take()) is not None:
-                    results[item[0]] = await one(session, item[1])
-                    round_.answered()
+                    round_.answered(item[0], await one(session, item[1]))
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return results
 
     start = time.perf_counter()
-    results = asyncio.run(run())
-    return summary(results, time.perf_counter() - start, round_, concurrency)
+    asyncio.run(run())
+    return summary(round_, time.perf_counter() - start, concurrency)
 
 
 def load_openai(url: str, requests: list, concurrency: int, max_tokens: int) -> dict:
@@ -291,18 +291,16 @@ def load_openai(url: str, requests: list, concurrency: int, max_tokens: int) -> 
         return (first if first is not None else time.perf_counter() - start), tokens
 
     round_ = RoundQueue(requests)
-    results: list = [None] * round_.size
 
     def worker() -> None:
         while (item := round_.take()) is not None:
-            results[item[0]] = one(item[1])
-            round_.answered()
+            round_.answered(item[0], one(item[1]))
 
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         for future in [pool.submit(worker) for _ in range(concurrency)]:
             future.result()
-    return summary(results, time.perf_counter() - start, round_, concurrency)
+    return summary(round_, time.perf_counter() - start, concurrency)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -361,8 +361,9 @@ def test_round_queue_hands_out_requests_in_order_and_marks_the_last_taken():
     assert round_.take() == (0, "a") and round_.emptied == 0.0
     assert round_.take() == (1, "b") and round_.emptied > 0.0  # the last one left
     assert round_.take() is None
-    round_.answered()
+    round_.answered(1, (0.5, 3))
     assert len(round_.finished) == 1 and round_.finished[0] >= round_.emptied
+    assert round_.results == [None, (0.5, 3)]
 
 
 def test_serve_load_passes_overrides_and_stops_a_server_that_started_when_the_next_fails(
