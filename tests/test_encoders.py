@@ -94,6 +94,25 @@ def test_vision_dummy_row_leaves_batchnorm_statistics_alone():
     _assert_all_grads(vision, zero=True)
 
 
+@pytest.mark.parametrize("kind", ["image", "audio"])
+def test_without_the_modality_and_without_autograd_the_encoder_does_not_run(vision, audio, kind):
+    """Serving and evaluation need no dummy row: one masked zero token per row comes back
+    and the backbone never runs; with autograd the dummy row runs as before."""
+    encoder, args = {
+        "image": (vision, (torch.zeros(2, 3, 32, 32), torch.tensor([False, False]))),
+        "audio": (audio, (torch.zeros(2, 1), torch.tensor([0, 0]))),
+    }[kind]
+    calls = []
+    for module in encoder.backbone.modules():
+        module.register_forward_hook(lambda module, *_: calls.append(module))
+    with torch.no_grad():
+        out = encoder(*args)
+    assert calls == []
+    assert out.feats.shape == (2, 1, D) and not out.feats.any() and not out.mask.any()
+    encoder(*args)
+    assert calls
+
+
 def test_vision_loads_safetensors_weights(tmp_path, vision):
     path = tmp_path / "vit.safetensors"
     save_file(vision.backbone.state_dict(), str(path))

@@ -109,6 +109,23 @@ def test_record_output_does_not_depend_on_batch(tiny, media):
     torch.testing.assert_close(logits[3, -n:], alone[0], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("which", [0, 1, 2])  # text only, image only, audio only
+def test_a_missing_modality_without_autograd_gives_the_same_logits(tiny, media, which):
+    """Without autograd an absent modality's encoder does not run (one masked token instead
+    of a dummy row's): the memory and logits are those of the dummy-row path."""
+    proc, model = tiny
+    batch = collate(proc, mixed_records()[which : which + 1], media)
+    with torch.no_grad():
+        memory = model.encode(batch)
+        logits, _ = model(batch)
+    with torch.enable_grad():  # the training path: dummy rows
+        dummy_memory = model.encode(batch)
+        dummy_logits, _ = model(batch)
+    assert memory.feats.shape == dummy_memory.feats.shape
+    torch.testing.assert_close(memory.feats, dummy_memory.feats.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, dummy_logits.detach(), atol=1e-5, rtol=1e-5)
+
+
 def test_memory_depends_on_the_image(tmp_path, tiny):
     proc, model = tiny
     write_media(tmp_path)

@@ -2,7 +2,10 @@
 
 Every encoder runs on the records of the batch that carry its modality only. When no record
 does, it runs on one dummy row whose tokens are masked out, so that every parameter takes
-part in every step (DDP then needs no unused-parameter search and never hangs).
+part in every step (DDP then needs no unused-parameter search and never hangs). Without
+autograd (serving, chat, evaluation) nothing needs that: the encoder then returns one masked
+zero token per row without running (``_absent``), which spares a lone image-only or
+audio-only request a whole pass of the other encoder.
 """
 
 from __future__ import annotations
@@ -29,6 +32,15 @@ def _rows(present: torch.Tensor) -> tuple[torch.Tensor, bool]:
     if rows.numel():
         return rows, False
     return torch.zeros(1, dtype=torch.long, device=present.device), True
+
+
+def _absent(batch_size: int, proj: nn.Linear) -> ModalityTokens:
+    """What an encoder returns when no record carries its modality and no gradient is
+    needed (serving, evaluation, chat): one zero token per row, masked out, instead of a
+    pass over a dummy row. The fusion ignores masked tokens either way."""
+    weight = proj.weight
+    feats = weight.new_zeros(batch_size, 1, proj.out_features)
+    return ModalityTokens(feats, torch.zeros(batch_size, 1, dtype=torch.bool, device=weight.device))
 
 
 def _scatter(sub: torch.Tensor, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -130,6 +142,8 @@ class VisionEncoder(nn.Module):
     def forward(self, pixels: torch.Tensor, present: torch.Tensor) -> ModalityTokens:
         """pixels (B, 3, H, W), present (B,) bool -> tokens (B, N, D), mask (B, N)."""
         rows, dummy = _rows(present)
+        if dummy and not torch.is_grad_enabled():
+            return _absent(pixels.shape[0], self.proj)
         with _batchnorm_stats_frozen(self.backbone, dummy):
             feats = self.proj(self.backbone.forward_features(pixels[rows]))  # (b, N, D)
         full = _scatter(feats, rows, pixels.shape[0])
@@ -176,6 +190,8 @@ class AudioEncoder(nn.Module):
         """waves (B, S), lengths (B,) valid samples (0 = no audio) -> (B, F, D), mask (B, F)."""
         present = lengths > 0
         rows, dummy = _rows(present)
+        if dummy and not torch.is_grad_enabled():
+            return _absent(waves.shape[0], self.proj)
         sub_waves, sub_lengths = waves[rows], lengths[rows].clamp(min=1)
         if sub_waves.shape[1] < self.min_samples:  # too short for one frame: zero-pad
             sub_waves = F.pad(sub_waves, (0, self.min_samples - sub_waves.shape[1]))

@@ -9,7 +9,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-from mmfuse.modules.encoders import _batchnorm_stats_frozen, _rows, _scatter
+from mmfuse.modules.encoders import _absent, _batchnorm_stats_frozen, _rows, _scatter
 from mmfuse.types import ModalityTokens
 
 
@@ -92,6 +92,8 @@ class HFVisionEncoder(nn.Module):
     def forward(self, pixels: torch.Tensor, present: torch.Tensor) -> ModalityTokens:
         """pixels (B, 3, H, W), present (B,) bool -> tokens (B, N, D), mask (B, N)."""
         rows, dummy = _rows(present)
+        if dummy and not torch.is_grad_enabled():
+            return _absent(pixels.shape[0], self.proj)
         with _batchnorm_stats_frozen(self.backbone, dummy):
             feats = self.proj(self._features(pixels[rows]))  # (b, N, D)
         full = _scatter(feats, rows, pixels.shape[0])

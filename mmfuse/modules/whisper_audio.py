@@ -10,7 +10,7 @@ from torch import nn
 from transformers import WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from mmfuse.modules.encoders import _rows, _scatter
+from mmfuse.modules.encoders import _absent, _rows, _scatter
 from mmfuse.pretrained import PREPROCESSOR_CONFIG
 from mmfuse.types import ModalityTokens
 
@@ -113,7 +113,9 @@ class WhisperAudioEncoder(nn.Module):
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> ModalityTokens:
         """waves (B, S), lengths (B,) valid samples (0 = no audio) -> (B, F, D), mask (B, F)."""
         present = lengths > 0
-        rows, _ = _rows(present)
+        rows, dummy = _rows(present)
+        if dummy and not torch.is_grad_enabled():
+            return _absent(waves.shape[0], self.proj)
         sub = waves[rows, : self.n_samples]
         if sub.shape[1] < self.n_samples:
             sub = F.pad(sub, (0, self.n_samples - sub.shape[1]))
