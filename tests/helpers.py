@@ -286,3 +286,25 @@ def world_prompt(model_dir: Path, world: Path, text: str, audio: bool = False) -
     content += [{"type": "audio", "path": str(audio_path)}] if audio else []
     content.append({"type": "text", "text": text})
     return load_processor_dir(model_dir).prompt([{"role": "user", "content": content}])
+
+
+def assert_skipped_without_autograd(encoder: torch.nn.Module, *inputs: torch.Tensor) -> None:
+    """``inputs`` carry the encoder's modality in no record: without autograd the backbone
+    must not run and one masked zero token per record comes back; with autograd the
+    dummy row runs (every parameter in the step)."""
+    calls = []
+    hooks = [
+        m.register_forward_hook(lambda *_: calls.append(1)) for m in encoder.backbone.modules()
+    ]
+    try:
+        with torch.no_grad():
+            out = encoder(*inputs)
+        assert calls == []
+        batch = inputs[0].shape[0]
+        assert out.feats.shape == (batch, 1, encoder.proj.out_features)
+        assert not out.feats.any() and not out.mask.any()
+        encoder(*inputs)
+        assert calls
+    finally:
+        for hook in hooks:
+            hook.remove()

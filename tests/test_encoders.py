@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from helpers import tiny_w2v_config, tokenizer
+from helpers import assert_skipped_without_autograd, tiny_w2v_config, tokenizer
 from safetensors.torch import save_file
 from transformers import BertConfig
 
@@ -96,21 +96,10 @@ def test_vision_dummy_row_leaves_batchnorm_statistics_alone():
 
 @pytest.mark.parametrize("kind", ["image", "audio"])
 def test_without_the_modality_and_without_autograd_the_encoder_does_not_run(vision, audio, kind):
-    """Serving and evaluation need no dummy row: one masked zero token per row comes back
-    and the backbone never runs; with autograd the dummy row runs as before."""
-    encoder, args = {
-        "image": (vision, (torch.zeros(2, 3, 32, 32), torch.tensor([False, False]))),
-        "audio": (audio, (torch.zeros(2, 1), torch.tensor([0, 0]))),
-    }[kind]
-    calls = []
-    for module in encoder.backbone.modules():
-        module.register_forward_hook(lambda module, *_: calls.append(module))
-    with torch.no_grad():
-        out = encoder(*args)
-    assert calls == []
-    assert out.feats.shape == (2, 1, D) and not out.feats.any() and not out.mask.any()
-    encoder(*args)
-    assert calls
+    if kind == "image":
+        assert_skipped_without_autograd(vision, torch.zeros(2, 3, 32, 32), torch.tensor([0, 0]) > 0)
+    else:
+        assert_skipped_without_autograd(audio, torch.zeros(2, 1), torch.tensor([0, 0]))
 
 
 def test_vision_loads_safetensors_weights(tmp_path, vision):

@@ -10,7 +10,14 @@ import shutil
 import pytest
 import timm
 import torch
-from helpers import TINY_W2V, build_tiny, collate, mixed_records, sine
+from helpers import (
+    TINY_W2V,
+    assert_skipped_without_autograd,
+    build_tiny,
+    collate,
+    mixed_records,
+    sine,
+)
 from omegaconf import OmegaConf
 from timm.models import save_for_hf
 from transformers import (
@@ -152,6 +159,7 @@ def test_vision_encoder_without_images_still_reaches_every_parameter(tmp_path):
     (out.feats * out.mask[..., None]).sum().backward()
     for name, param in encoder.named_parameters():
         assert param.grad is not None and (param.grad == 0).all(), name
+    assert_skipped_without_autograd(encoder, torch.zeros(2, 3, 32, 32), torch.tensor([0, 0]) > 0)
 
 
 def test_vit_model_directory_through_the_config(tmp_path, media):
@@ -327,6 +335,7 @@ def test_whisper_encoder_gives_every_parameter_a_gradient_without_audio(tmp_path
             assert param.grad is not None, name
     frozen = [n for n, p in encoder.named_parameters() if not p.requires_grad]
     assert frozen == ["backbone.embed_positions.weight"]  # sinusoidal, frozen by Whisper
+    assert_skipped_without_autograd(encoder, torch.zeros(2, 800), torch.tensor([0, 0]))
 
 
 def test_whisper_directory_through_the_config(tmp_path, media):
