@@ -390,6 +390,9 @@ def main(argv: list[str] | None = None) -> dict:
         full_ratio = batched["full_concurrency_median"] / sequential["full_concurrency_median"]
         results["batched_over_sequential_full_concurrency"] = full_ratio
         print(f"  at full concurrency (16 in flight; start and drain left out): {full_ratio:.2f}x")
+    over_c1 = batched["requests_per_s"] / results["batched_c1"]["requests_per_s"]
+    results["c16_over_c1"] = over_c1
+    print(f"  (the batched server at concurrency 16 over concurrency 1: {over_c1:.2f}x)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return results

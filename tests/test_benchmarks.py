@@ -354,6 +354,8 @@ def test_serve_load_runs_every_configuration_against_real_servers(trained_run, w
         results["batched_c16"]["requests_per_s"] / results["sequential_c16"]["requests_per_s"]
     )
     assert results["batched_over_sequential"] == pytest.approx(expected)
+    over_c1 = results["batched_c16"]["requests_per_s"] / results["batched_c1"]["requests_per_s"]
+    assert results["c16_over_c1"] == pytest.approx(over_c1)
 
 
 def test_round_queue_hands_out_requests_in_order_and_marks_the_last_taken():
