@@ -43,21 +43,46 @@ class RunningBatch:
         return len(self.configs)
 
     @torch.inference_mode()
-    def join(self, batch: Batch, configs: Sequence[GenerationConfig]) -> list[int]:
-        """Prefills a (left-padded) batch of new rows, appends them after the running rows
-        and returns each new row's first token."""
+    def join(
+        self,
+        batch: Batch,
+        configs: Sequence[GenerationConfig],
+        copies: Sequence[int] | None = None,
+    ) -> list[int]:
+        """Prefills a (left-padded) batch of new prompts, appends their rows after the running
+        rows and returns each new row's first token.
+
+        ``copies`` (one count per prompt, default 1 each) makes a prompt several rows, as the
+        ``n`` choices of one request: the prompt is encoded and prefilled once and its KV
+        cache copied, and each row then samples with its own config (``configs`` has one per
+        row, in order).
+        """
         model = self.model
         inputs = model.prepare_inputs(batch)
         if inputs.memory is not None:
             raise ValueError("continuous batching needs prefix conditioning (model.conditioning)")
         configs = list(configs)
-        generators = seeded_generators(configs, inputs.embeds.device)
         logits, cache = decoder_step(  # (b, V)
             model.decoder, inputs.embeds, inputs.attention_mask, inputs.position_ids, None
         )
+        attention_mask, position_ids = inputs.attention_mask, inputs.position_ids
+        if copies is not None and any(c != 1 for c in copies):
+            rows = torch.repeat_interleave(  # (sum(copies),): each prompt's index, repeated
+                torch.arange(len(copies), device=logits.device),
+                torch.tensor(list(copies), device=logits.device),
+            )
+            logits = logits.index_select(0, rows)
+            attention_mask = attention_mask.index_select(0, rows)
+            position_ids = position_ids.index_select(0, rows)
+            for layer in cache.layers:
+                layer.keys = layer.keys.index_select(0, rows)
+                layer.values = layer.values.index_select(0, rows)
+        if len(configs) != logits.shape[0]:
+            raise ValueError(f"{len(configs)} generation configs for {logits.shape[0]} rows")
+        generators = seeded_generators(configs, logits.device)
         tokens = pick_per_row(logits, configs, generators)  # (b,)
-        mask = F.pad(inputs.attention_mask, (0, 1), value=1)  # (b, P + 1)
-        positions = inputs.position_ids[:, -1:] + 1  # (b, 1)
+        mask = F.pad(attention_mask, (0, 1), value=1)  # (b, P + 1)
+        positions = position_ids[:, -1:] + 1  # (b, 1)
         if self.cache is None:
             self.cache, self.mask, self.pending, self.positions = cache, mask, tokens, positions
         else:

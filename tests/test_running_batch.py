@@ -78,6 +78,43 @@ def test_seeded_sampling_rows_are_independent_of_their_company(setup):
     assert sum(len(ids) for ids in out) > 15  # long random continuations were compared
 
 
+def test_copies_of_a_prompt_share_one_prefill_and_sample_apart(setup):
+    """Three choices of record 0 (seeds 1-3) and a greedy record 2: two prompts are
+    encoded, four rows decode, and each row's tokens are those it gets alone."""
+    proc, model, records, base = setup
+    configs = [
+        GenerationConfig(max_new_tokens=9, do_sample=True, temperature=5.0, seed=seed)
+        for seed in (1, 2, 3)
+    ] + [GenerationConfig(max_new_tokens=9)]
+    encoded = []
+    hook = model.fusion.register_forward_hook(lambda m, a, out: encoded.append(len(out.feats)))
+    try:
+        running = RunningBatch(model)
+        batch = collate(proc, [records[0], records[2]], base, "left", True)
+        tokens = [[t] for t in running.join(batch, configs, copies=[3, 1])]
+    finally:
+        hook.remove()
+    assert encoded == [2] and len(running) == 4
+    for _ in range(8):
+        for row, token in zip(tokens, running.step(), strict=True):
+            row.append(token)
+    eos = proc.tokenizer.eos_token_id
+    got = [row[: row.index(eos)] if eos in row else row for row in tokens]
+    expected = [
+        generate(model, collate(proc, [records[r]], base, "left", True), config)[0]
+        for r, config in zip([0, 0, 0, 2], configs, strict=True)
+    ]
+    assert got == expected
+    assert len({tuple(ids) for ids in got[:3]}) > 1  # the seeds did sample apart
+
+
+def test_copies_must_match_the_configs(setup):
+    proc, model, records, base = setup
+    batch = collate(proc, records[:1], base, "left", True)
+    with pytest.raises(ValueError, match="1 generation configs for 2 rows"):
+        RunningBatch(model).join(batch, [GenerationConfig()], copies=[2])
+
+
 def test_a_row_leaving_frees_its_cache_positions(setup):
     proc, model, records, base = setup
     running = RunningBatch(model)

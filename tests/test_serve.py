@@ -27,7 +27,7 @@ from mmfuse.config import CONFIG_DIR
 from mmfuse.generation import GenerationConfig
 from mmfuse.model_dir import load_model_dir
 from mmfuse.processing.collate import Collator
-from mmfuse.serve.batcher import DynamicBatcher, Job
+from mmfuse.serve.batcher import DynamicBatcher, Job, shared_prompts
 from mmfuse.serve.cli import build_server
 from mmfuse.serve.engine import EngineProcess
 from mmfuse.types import Sample
@@ -386,6 +386,15 @@ def _short_and_long(batcher: DynamicBatcher, sample: Sample) -> tuple[Job, Job, 
     short.future.result(timeout=60)
     long.future.result(timeout=60)
     return short, long, long_text_at_short_answer
+
+
+def test_jobs_holding_one_sample_share_one_prompt(describe_image):
+    other = Sample(**{**vars(describe_image)})  # equal, but not the same object
+    jobs = [Job(s, GenerationConfig()) for s in (describe_image, describe_image, other)]
+    samples, copies = shared_prompts(jobs)
+    assert [id(s) for s in samples] == [id(describe_image), id(other)]
+    assert copies == [2, 1]
+    assert shared_prompts(jobs[::-1])[1] == [1, 2]
 
 
 def test_a_short_row_is_answered_before_its_batch_ends(server, describe_image):

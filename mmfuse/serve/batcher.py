@@ -100,6 +100,20 @@ class _RowText:
         return Completion(self.text, len(self.ids), "stop" if self.stopped else reason)
 
 
+def shared_prompts(jobs: Sequence[Job]) -> tuple[list[Sample], list[int]]:
+    """The prompts to prefill for ``jobs`` and how many rows each becomes: neighbouring jobs
+    that hold the very same sample (the ``n`` choices of one request) share one prefill."""
+    samples: list[Sample] = []
+    copies: list[int] = []
+    for job in jobs:
+        if samples and job.sample is samples[-1]:
+            copies[-1] += 1
+        else:
+            samples.append(job.sample)
+            copies.append(1)
+    return samples, copies
+
+
 class DynamicBatcher:
     """Runs generation jobs on a worker thread, in batches.
 
@@ -222,10 +236,11 @@ class DynamicBatcher:
                 continue
             try:
                 if jobs:  # they join the rows in decoding
-                    batch = self.collator([j.sample for j in jobs])
+                    samples, copies = shared_prompts(jobs)
+                    batch = self.collator(samples)
                     batch = batch.to(next(self.model.parameters()).device)
                     new_rows = [self._row(j) for j in jobs]
-                    first = running.join(batch, [j.config for j in jobs])
+                    first = running.join(batch, [j.config for j in jobs], copies)
                     rows += new_rows
                     self.batch_sizes.append(len(rows))
                     self._retire(running, rows, [None] * (len(rows) - len(first)) + first)
