@@ -6,6 +6,7 @@ alternating repeats), after warm-up, as the median over repeats.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -20,17 +21,36 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mmfuse.allocator import keep_freed_memory
 from mmfuse.config import CONFIG_DIR
 from mmfuse.freezing import apply_freezing
 from mmfuse.lora import apply_lora
 from mmfuse.model import MMFuseModel
-from mmfuse.model_dir import build_processor_and_model
+from mmfuse.model_dir import build_processor_and_model, load_model_dir
 from mmfuse.optim import param_groups
 from mmfuse.processing.processor import Processor
 from mmfuse.scale import enable_gradient_checkpointing
 from mmfuse.types import Batch
 
 BENCH_DIR = Path("runs/bench")
+
+
+def trained_model_from_args(
+    description: str,
+) -> tuple[argparse.Namespace, MMFuseModel, Processor]:
+    """The command line of a benchmark run alone on a trained model directory: ``--ckpt``,
+    ``--world``, ``--repeats`` and ``--threads``. Keeps freed memory (as every mmfuse
+    command does), sets the torch threads and loads the model (eval mode)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--ckpt", default="runs/demo/model")
+    parser.add_argument("--world", default="data/world")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    keep_freed_memory()
+    torch.set_num_threads(args.threads)
+    model, processor = load_model_dir(args.ckpt)
+    return args, model.eval(), processor
 
 
 # ----------------------------------------------------------------------------- configs

@@ -20,7 +20,6 @@ sides' first-token logits.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,11 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.batcher_load import prompts
-from benchmarks.common import alternate, median
-from mmfuse.allocator import keep_freed_memory
+from benchmarks.common import alternate, median, trained_model_from_args
 from mmfuse.generation import GenerationConfig, decoder_step
 from mmfuse.model import MMFuseModel
-from mmfuse.model_dir import load_model_dir
 from mmfuse.modules.onednn_linear import OneDNNLinear, use_onednn_linears
 from mmfuse.processing.collate import Collator
 from mmfuse.processing.processor import Processor
@@ -128,15 +125,7 @@ def measure(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", default="runs/demo/model")
-    parser.add_argument("--world", default="data/world")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    keep_freed_memory()
-    torch.set_num_threads(args.threads)
-    model, processor = load_model_dir(args.ckpt)
+    args, model, processor = trained_model_from_args(__doc__.splitlines()[0])
     result = measure(model, processor, args.world, args.repeats)
     print(f"{args.ckpt}, {args.threads} thread(s), median of {args.repeats} rounds")
     for figure in FIGURES:

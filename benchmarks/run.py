@@ -4,10 +4,10 @@
     .venv/bin/python -m benchmarks.run [--repeats 3] [--threads N] [--compile] [--only a,b]
 
 Sections (``--only`` / ``--skip`` take their names): overhead, generation, feature_cache,
-data, compute, memory, scaling, optim, allocator, audio_frontend, onednn_linear, row_groups,
-sample_cache, compile (only with ``--compile``: torch.compile takes minutes to build on 2
-cores). Figures are ratios measured side by side in this run: medians over repeats after
-warm-up. See benchmarks/README.md for what each one measures.
+data, compute, memory, scaling, optim, allocator, audio_frontend, onednn_linear,
+shared_prefill, row_groups, sample_cache, compile (only with ``--compile``: torch.compile
+takes minutes to build on 2 cores). Figures are ratios measured side by side in this run:
+medians over repeats after warm-up. See benchmarks/README.md for what each one measures.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from benchmarks import (
     overhead,
     row_groups,
     sample_cache,
+    shared_prefill,
 )
 from benchmarks.common import (
     BENCH_DIR,
@@ -63,6 +64,7 @@ SECTIONS = (
     "allocator",
     "audio_frontend",
     "onednn_linear",
+    "shared_prefill",
     "row_groups",
     "sample_cache",
     "compile",
@@ -443,6 +445,21 @@ class Bench:
         diff = result["max_logit_diff"]
         r.add("onednn_linear.max_logit_diff", "  first-token logits, max abs difference", diff,
               "{:.2g}", "< 1e-4", diff < 1e-4)  # fmt: skip
+
+    # -------------------------------------------------------------------- shared prefill
+    def shared_prefill(self) -> None:
+        r = self.report
+        cfg = compose_train(["experiment=demo"], self.out / "work-shared-prefill")
+        processor, model = build_model(cfg, seed=0)
+        result = shared_prefill.measure(model.eval(), processor, self.args.world, self.repeats * 5)
+        r.extra["shared_prefill"] = result
+        for n in shared_prefill.CHOICES:
+            shared, repeated = result[f"shared_{n}_ms"], result[f"repeated_{n}_ms"]
+            same = bool(result[f"same_first_tokens_{n}"])
+            r.add(f"shared_prefill.n{n}_ratio", f"n={n} choices: {n} prefills / one copied",
+                  repeated / shared, "{:.2f}", "> 1, same first tokens",
+                  repeated > shared and same, note=f"{repeated:.1f} / {shared:.1f} ms;"
+                  " demo model, an image+audio prompt")  # fmt: skip
 
     # -------------------------------------------------------------------- row groups
     def row_groups(self) -> None:

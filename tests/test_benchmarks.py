@@ -28,6 +28,7 @@ from benchmarks import (
     row_groups,
     sample_cache,
     serve_load,
+    shared_prefill,
 )
 from benchmarks.common import Report, build_model, compose_train, train_batches
 from benchmarks.run import add_feature_cache
@@ -290,6 +291,16 @@ def test_onednn_linear_benchmark_times_both_sides_on_equal_logits(world_dir, tmp
     assert result["max_logit_diff"] < 1e-4
     assert result["decoder_products_linear_gflops"] > 0
     assert result["decoder_products_onednn_gflops"] > 0
+
+
+def test_shared_prefill_benchmark_times_both_prefills_on_equal_first_tokens(world_dir, tmp_path):
+    processor, model = build_model(
+        compose_train(tiny_train_overrides(world_dir, tmp_path), tmp_path)
+    )
+    result = shared_prefill.measure(model.eval(), processor, world_dir, repeats=1)
+    for n in shared_prefill.CHOICES:
+        assert result[f"shared_{n}_ms"] > 0 and result[f"repeated_{n}_ms"] > 0
+        assert result[f"same_first_tokens_{n}"] is True
 
 
 def test_row_groups_benchmark_runs_fewer_positions_for_the_same_losses(world_dir, tmp_path):
