@@ -428,12 +428,17 @@ class Bench:
         r.add("audio_frontend.max_abs_diff", "  outputs, max abs difference", diff, "{:.2g}",
               "< 1e-4", diff < 1e-4)  # fmt: skip
 
+    def _demo_model(self, work: str):
+        """The demo config's processor and model (seed 0, random weights, eval mode), built
+        with ``work`` under the output directory as its run directory."""
+        processor, model = build_model(compose_train(["experiment=demo"], self.out / work), seed=0)
+        return processor, model.eval()
+
     # -------------------------------------------------------------------- oneDNN linear
     def onednn_linear(self) -> None:
         r = self.report
-        cfg = compose_train(["experiment=demo"], self.out / "work-onednn-linear")
-        processor, model = build_model(cfg, seed=0)
-        result = onednn_linear.measure(model.eval(), processor, self.args.world, self.repeats * 5)
+        processor, model = self._demo_model("work-onednn-linear")
+        result = onednn_linear.measure(model, processor, self.args.world, self.repeats * 5)
         r.extra["onednn_linear"] = result
         for name, label in onednn_linear.FIGURES.items():
             plain, fast = result[f"{name}_linear_ms"], result[f"{name}_onednn_ms"]
@@ -449,9 +454,8 @@ class Bench:
     # -------------------------------------------------------------------- shared prefill
     def shared_prefill(self) -> None:
         r = self.report
-        cfg = compose_train(["experiment=demo"], self.out / "work-shared-prefill")
-        processor, model = build_model(cfg, seed=0)
-        result = shared_prefill.measure(model.eval(), processor, self.args.world, self.repeats * 5)
+        processor, model = self._demo_model("work-shared-prefill")
+        result = shared_prefill.measure(model, processor, self.args.world, self.repeats * 5)
         r.extra["shared_prefill"] = result
         for n in shared_prefill.CHOICES:
             shared, repeated = result[f"shared_{n}_ms"], result[f"repeated_{n}_ms"]

@@ -281,11 +281,15 @@ def test_audio_frontend_benchmark_times_both_sides_on_equal_outputs():
     assert result["max_abs_diff"] < 1e-4
 
 
+def _tiny_eval_model(world_dir, out):
+    """The tiny config's processor and model (random weights, eval mode)."""
+    processor, model = build_model(compose_train(tiny_train_overrides(world_dir, out), out))
+    return processor, model.eval()
+
+
 def test_onednn_linear_benchmark_times_both_sides_on_equal_logits(world_dir, tmp_path):
-    processor, model = build_model(
-        compose_train(tiny_train_overrides(world_dir, tmp_path), tmp_path)
-    )
-    result = onednn_linear.measure(model.eval(), processor, world_dir, repeats=1)
+    processor, model = _tiny_eval_model(world_dir, tmp_path)
+    result = onednn_linear.measure(model, processor, world_dir, repeats=1)
     for figure in onednn_linear.FIGURES:
         assert result[f"{figure}_linear_ms"] > 0 and result[f"{figure}_onednn_ms"] > 0
     assert result["max_logit_diff"] < 1e-4
@@ -294,10 +298,8 @@ def test_onednn_linear_benchmark_times_both_sides_on_equal_logits(world_dir, tmp
 
 
 def test_shared_prefill_benchmark_times_both_prefills_on_equal_first_tokens(world_dir, tmp_path):
-    processor, model = build_model(
-        compose_train(tiny_train_overrides(world_dir, tmp_path), tmp_path)
-    )
-    result = shared_prefill.measure(model.eval(), processor, world_dir, repeats=1)
+    processor, model = _tiny_eval_model(world_dir, tmp_path)
+    result = shared_prefill.measure(model, processor, world_dir, repeats=1)
     for n in shared_prefill.CHOICES:
         assert result[f"shared_{n}_ms"] > 0 and result[f"repeated_{n}_ms"] > 0
         assert result[f"same_first_tokens_{n}"] is True
