@@ -355,20 +355,39 @@ def test_serve_load_runs_every_configuration_against_real_servers(trained_run, w
     assert (
         json.loads(out.read_text())["batched_over_sequential"] == results["batched_over_sequential"]
     )
-    for name in ("batched_c1", "batched_c16", "sequential_c16"):
+    for name in ("batched_c1", "batched_c16", "unbatched_c16"):
         run = results[name]
         assert run["errors"] == 0 and run["requests_per_s"] > 0
         assert 0 < run["tokens_per_s"] <= 2 * run["requests_per_s"]  # at most 2 tokens each
         assert run["cpu_ms_per_request"]["engine"] > 0  # the model ran in the child process
     # 6 requests from 16 clients: all in the opening burst, no full-concurrency window
     assert results["batched_c16"]["full_concurrency_median"] is None
+    assert "batching_on_over_off_full_concurrency" not in results
     assert results["batched_c1"]["full_concurrency_median"] > 0  # 1 client: answers 2 to 5
-    expected = (
-        results["batched_c16"]["requests_per_s"] / results["sequential_c16"]["requests_per_s"]
-    )
-    assert results["batched_over_sequential"] == pytest.approx(expected)
-    over_c1 = results["batched_c16"]["requests_per_s"] / results["batched_c1"]["requests_per_s"]
-    assert results["c16_over_c1"] == pytest.approx(over_c1)
+    runs = ("batched_c1", "batched_c16", "unbatched_c16")
+    rate = {name: results[name]["requests_per_s"] for name in runs}
+    # sequential: the batching server's one client at concurrency 1
+    over_c1 = rate["batched_c16"] / rate["batched_c1"]
+    assert results["batched_over_sequential"] == pytest.approx(over_c1)
+    over_off = rate["batched_c16"] / rate["unbatched_c16"]
+    assert results["batching_on_over_off"] == pytest.approx(over_off)
+
+
+def test_print_ratios_names_the_sequential_baseline_and_the_target(capsys):
+    results = {
+        "batched_c1": {"requests_per_s": 50.0, "full_concurrency_median": 52.0},
+        "batched_c16": {"requests_per_s": 160.0, "full_concurrency_median": 180.0},
+        "unbatched_c16": {"requests_per_s": 64.0, "full_concurrency_median": 60.0},
+    }
+    serve_load.print_ratios(results)
+    assert results["batched_over_sequential"] == pytest.approx(3.2)  # 160 / 50
+    assert results["batching_on_over_off"] == pytest.approx(2.5)  # 160 / 64
+    assert results["batching_on_over_off_full_concurrency"] == pytest.approx(3.0)  # 180 / 60
+    out = capsys.readouterr().out
+    assert "3.20x (target 3: met)" in out and "2.50x" in out and "3.00x" in out
+    results["batched_c16"]["requests_per_s"] = 140.0
+    serve_load.print_ratios(results)
+    assert "2.80x (target 3: NOT met)" in capsys.readouterr().out
 
 
 def test_round_queue_hands_out_requests_in_order_and_marks_the_last_taken():
