@@ -355,7 +355,8 @@ def test_serve_load_runs_every_configuration_against_real_servers(trained_run, w
     assert (
         json.loads(out.read_text())["batched_over_sequential"] == results["batched_over_sequential"]
     )
-    for name in ("batched_c1", "batched_c16", "unbatched_c16"):
+    runs = ("batched_c1", "batched_c16", "unbatched_c16")
+    for name in runs:
         run = results[name]
         assert run["errors"] == 0 and run["requests_per_s"] > 0
         assert 0 < run["tokens_per_s"] <= 2 * run["requests_per_s"]  # at most 2 tokens each
@@ -364,7 +365,6 @@ def test_serve_load_runs_every_configuration_against_real_servers(trained_run, w
     assert results["batched_c16"]["full_concurrency_median"] is None
     assert "batching_on_over_off_full_concurrency" not in results
     assert results["batched_c1"]["full_concurrency_median"] > 0  # 1 client: answers 2 to 5
-    runs = ("batched_c1", "batched_c16", "unbatched_c16")
     rate = {name: results[name]["requests_per_s"] for name in runs}
     # sequential: the batching server's one client at concurrency 1
     over_c1 = rate["batched_c16"] / rate["batched_c1"]
